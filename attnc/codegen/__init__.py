@@ -1,0 +1,1 @@
+"""Code generation: the expression printer, jinja2 templates per kernel family, rendering and building."""

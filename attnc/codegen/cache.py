@@ -1,0 +1,49 @@
+"""Where attnc keeps what it builds, and how entries are named and written.
+
+Keys are derived, never chosen by a caller: a readable prefix and the first 16 hex digits of the sha256 of the
+canonical JSON of everything the entry depends on. Writes are atomic (temp file, rename) under a file lock with a
+second check, so concurrent processes never see half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock
+
+
+def cache_dir() -> Path:
+    """``$ATTNC_CACHE_DIR``, else ``$XDG_CACHE_HOME/attnc``, else ``~/.cache/attnc``; created on first use."""
+    root = os.environ.get("ATTNC_CACHE_DIR")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attnc")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def derive_key(prefix: str, payload: dict) -> str:
+    """``<prefix>_<sha256(canonical json)[:16]>``."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return f"{prefix}_{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Make ``path`` hold exactly ``text``; a concurrent writer of the same text is harmless."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists() and path.read_text() == text:
+            return
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            os.replace(temp, path)
+        except BaseException:
+            if os.path.exists(temp):
+                os.unlink(temp)
+            raise

@@ -1,0 +1,1 @@
+"""The runtime: `compile` → `CompiledAttention`, input validation, dispatch, the custom op, the reference."""

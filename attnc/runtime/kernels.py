@@ -1,0 +1,82 @@
+"""One built kernel: the IR, tile map, config and source that made it, and a launcher over torch tensors."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+from dataclasses import dataclass
+
+import torch
+
+from attnc.codegen import build, render
+from attnc.codegen.cache import derive_key
+from attnc.codegen.context import make_context
+from attnc.dsl.ir import AttentionIR
+from attnc.dsl.tilemap import TileMap, analyse
+from attnc.schedules.config import KernelConfig
+
+KERNEL_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@functools.cache
+def attnc_version() -> str:
+    try:
+        return importlib.metadata.version("attnc")
+    except importlib.metadata.PackageNotFoundError:
+        from attnc import __version__
+
+        return __version__
+
+
+def kernel_key(family: str, ir: AttentionIR, config: KernelConfig, dtype: str, target: build.Target) -> str:
+    """``<family>_<dtype>_d<qk_dim>_<target>_<hash>`` over everything the kernel depends on."""
+    prefix = f"{family}_{dtype}_d{ir.qk_dim}_{target.label}"
+    return derive_key(prefix, {
+        "ir": ir.canonical(),
+        "template": render.template_hash(family),
+        "config": config.to_json(),
+        "target": [target.kind, target.arch],
+        "attnc": attnc_version(),
+        "tilelang": build.tilelang_version(),
+    })
+
+
+def pass_configs(family: str, target: build.Target) -> dict:
+    """tilelang pass options for a family: CUDA kernels build with fast math (exp2, tanh)."""
+    return {"tl.enable_fast_math": True} if target.kind == "cuda" else {}
+
+
+@dataclass
+class Kernel:
+    """A forward kernel for one (IR, family, dtype, config, target)."""
+
+    family: str
+    key: str
+    tilemap: TileMap
+    config: KernelConfig
+    source: str
+    target: build.Target
+    compiled: object = None
+
+    @classmethod
+    def render(cls, family: str, ir: AttentionIR, config: KernelConfig, dtype: str, target: build.Target) -> Kernel:
+        tilemap = analyse(ir.mask, config.block_m, config.block_n)
+        key = kernel_key(family, ir, config, dtype, target)
+        ctx = make_context(family, f"attnc_{family}", ir, tilemap, config, dtype)
+        return cls(family, key, tilemap, config, render.render(ctx), target)
+
+    def build(self) -> Kernel:
+        if self.compiled is None:
+            self.compiled = build.build(self.key, self.source, self.target, pass_configs(self.family, self.target))
+        return self
+
+    @property
+    def source_path(self):
+        return build.source_path(self.key)
+
+    def device_source(self) -> str:
+        """The code tilelang generated (C for the CPU, CUDA for GPUs)."""
+        return self.build().compiled.get_kernel_source()
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        self.build().compiled(*tensors)
