@@ -246,7 +246,7 @@ def apply_function(func, args, kwargs=None) -> Proxy:
 
     handler = _FUNCTIONS.get(func)
     if handler is None:
-        name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+        name = getattr(func, "__name__", None) or repr(func)
         current = current_trace("trace a torch function")
         raise SpecError(
             f"{current.what} uses `torch.{name}`, which attnc cannot trace; supported: arithmetic, comparisons, "

@@ -119,7 +119,8 @@ class TraceContext:
             result = fn(*args)
         except SpecError:
             raise
-        except (TypeError, AttributeError, RuntimeError, IndexError, ValueError) as error:
+        except (TypeError, AttributeError, RuntimeError, IndexError, ValueError, NameError, KeyError,
+                ZeroDivisionError) as error:
             raise SpecError(f"tracing {what} failed: {type(error).__name__}: {error}") from error
         finally:
             _CURRENT.reset(token)
