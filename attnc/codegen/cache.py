@@ -17,11 +17,19 @@ from filelock import FileLock
 
 
 def cache_dir() -> Path:
-    """``$ATTNC_CACHE_DIR``, else ``$XDG_CACHE_HOME/attnc``, else ``~/.cache/attnc``; created on first use."""
-    root = os.environ.get("ATTNC_CACHE_DIR")
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attnc")
-    path = Path(root)
+    """The directory every attnc cache lives under, created on first use.
+
+    ``$ATTNC_CACHE_DIR`` when set and non-empty; else ``$XDG_CACHE_HOME/attnc`` when ``XDG_CACHE_HOME`` is an
+    absolute path (the XDG spec ignores relative ones); else ``~/.cache/attnc``. Read from the environment each call.
+    """
+    explicit = os.environ.get("ATTNC_CACHE_DIR", "").strip()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    if explicit:
+        path = Path(explicit).expanduser()
+    elif xdg and os.path.isabs(xdg):
+        path = Path(xdg) / "attnc"
+    else:
+        path = Path.home() / ".cache" / "attnc"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

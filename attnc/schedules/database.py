@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import IO
 
+from attnc.codegen.cache import cache_dir
 from attnc.errors import InputError
 from attnc.schedules.config import KernelConfig
 
@@ -50,21 +51,6 @@ EXPORT_FORMAT = 1
 
 BUSY_TIMEOUT_MS = 30_000
 """How long a writer waits for another process's transaction before giving up."""
-
-def cache_dir() -> Path:
-    """The directory every attnc cache lives under (not created here).
-
-    ``$ATTNC_CACHE_DIR`` when set and non-empty; else ``$XDG_CACHE_HOME/attnc`` when ``XDG_CACHE_HOME`` is set to an
-    absolute path; else ``~/.cache/attnc``. Read from the environment on every call.
-    """
-    explicit = os.environ.get("ATTNC_CACHE_DIR", "").strip()
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "attnc"
-    return Path.home() / ".cache" / "attnc"
-
 
 def default_path() -> Path:
     """``cache_dir() / "tuning.sqlite"``."""
