@@ -1,0 +1,1 @@
+"""Benchmarks against the peers (cuDNN and flash SDPA, FlexAttention): cases, timing, FLOP counts, reports."""

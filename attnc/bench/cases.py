@@ -1,0 +1,149 @@
+"""The benchmark cases of the forward (and backward) comparison, each with attnc's spec and its peers' arguments.
+
+A case says what attention to compute; for each peer it gives the equivalent call: SDPA's ``is_causal`` where
+SDPA can express the case, and FlexAttention's ``score_mod``/``mask_mod`` written as FlexAttention users write them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import attnc
+from attnc import mods
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark configuration: shapes plus the variant, for attnc and for each peer."""
+
+    name: str
+    batch: int
+    q_heads: int
+    kv_heads: int
+    seq: int
+    dim: int
+    spec: Callable[[torch.device], attnc.Attention]
+    flex_score: Callable[[torch.device], Callable | None] = lambda device: None
+    flex_mask: Callable[[torch.device], Callable | None] = lambda device: None
+    sdpa_causal: bool | None = None  # None: SDPA cannot express the case
+    tags: tuple[str, ...] = field(default=())
+
+
+def _doc_ids(seq: int, docs: int, device, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    cuts = torch.randperm(seq - 1, generator=generator)[: docs - 1].sort().values + 1
+    lengths = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([seq])]))
+    return torch.repeat_interleave(torch.arange(docs), lengths).to(device)
+
+
+def _flex_causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def dense(seq: int, dim: int, causal: bool, batch: int = 4, heads: int = 32, kv_heads: int | None = None) -> Case:
+    kv_heads = kv_heads or heads
+    label = f"{'causal' if causal else 'non-causal'} d{dim} S{seq // 1024}k" + \
+        (f" GQA {heads}/{kv_heads}" if kv_heads != heads else "")
+    return Case(
+        label, batch, heads, kv_heads, seq, dim,
+        spec=lambda device: attnc.Attention(heads, kv_heads, qk_dim=dim, layout="bhsd",
+                                            mask_mod=mods.causal() if causal else None),
+        flex_mask=lambda device: _flex_causal if causal else None,
+        sdpa_causal=causal, tags=("dense",),
+    )
+
+
+def sliding_window(window: int, seq: int = 4096, batch: int = 4) -> Case:
+    def flex_mask(device):
+        def sliding(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+        return sliding
+
+    return Case(f"sliding window {window // 1024}k S{seq // 1024}k", batch, 32, 32, seq, 128,
+                spec=lambda device: attnc.Attention(32, layout="bhsd", mask_mod=mods.sliding_window(window)),
+                flex_mask=flex_mask)
+
+
+def document(seq: int = 4096, docs: int = 8, batch: int = 4) -> Case:
+    def spec(device):
+        return attnc.Attention(32, layout="bhsd", mask_mod=mods.document(_doc_ids(seq, docs, device)) & mods.causal())
+
+    def flex_mask(device):
+        document_id = _doc_ids(seq, docs, device)
+
+        def document_causal(b, h, q_idx, kv_idx):
+            return (document_id[q_idx] == document_id[kv_idx]) & (q_idx >= kv_idx)
+        return document_causal
+
+    return Case(f"document ({docs} docs), causal S{seq // 1024}k", batch, 32, 32, seq, 128, spec=spec,
+                flex_mask=flex_mask)
+
+
+def prefix_lm(prefix: int = 1024, seq: int = 4096, batch: int = 4) -> Case:
+    def flex_mask(device):
+        def prefix_mask(b, h, q_idx, kv_idx):
+            return (kv_idx < prefix) | (q_idx >= kv_idx)
+        return prefix_mask
+
+    return Case(f"prefix-LM {prefix // 1024}k S{seq // 1024}k", batch, 32, 32, seq, 128,
+                spec=lambda device: attnc.Attention(32, layout="bhsd", mask_mod=mods.prefix_lm(prefix)),
+                flex_mask=flex_mask)
+
+
+def alibi(seq: int = 4096, batch: int = 4) -> Case:
+    def flex_score(device):
+        slopes = mods.alibi_slopes(32).to(device)
+
+        def alibi_bias(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (kv_idx - q_idx)
+        return alibi_bias
+
+    return Case(f"ALiBi, causal S{seq // 1024}k", batch, 32, 32, seq, 128,
+                spec=lambda device: attnc.Attention(32, layout="bhsd", mask_mod=mods.causal(),
+                                                    score_mod=mods.alibi(mods.alibi_slopes(32).to(device))),
+                flex_score=flex_score, flex_mask=lambda device: _flex_causal)
+
+
+def softcap(causal: bool, cap: float = 30.0, seq: int = 4096, batch: int = 4) -> Case:
+    def flex_score(device):
+        def soft_cap(score, b, h, q_idx, kv_idx):
+            return cap * torch.tanh(score / cap)
+        return soft_cap
+
+    return Case(f"softcap {cap:g}, {'causal' if causal else 'non-causal'} S{seq // 1024}k", batch, 32, 32, seq, 128,
+                spec=lambda device: attnc.Attention(32, layout="bhsd", score_mod=mods.softcap(cap),
+                                                    mask_mod=mods.causal() if causal else None),
+                flex_score=flex_score, flex_mask=lambda device: _flex_causal if causal else None)
+
+
+def relative_bias(seq: int = 4096, batch: int = 4) -> Case:
+    def table(device):
+        return (torch.randn(32, 2 * seq - 1, generator=torch.Generator().manual_seed(1)) * 0.1).to(device)
+
+    def flex_score(device):
+        bias = table(device)
+
+        def rel_bias(score, b, h, q_idx, kv_idx):
+            return score + bias[h, kv_idx - q_idx + seq - 1]
+        return rel_bias
+
+    return Case(f"relative bias, causal S{seq // 1024}k", batch, 32, 32, seq, 128,
+                spec=lambda device: attnc.Attention(32, layout="bhsd", mask_mod=mods.causal(),
+                                                    score_mod=mods.relative_bias(table(device))),
+                flex_score=flex_score, flex_mask=lambda device: _flex_causal)
+
+
+def forward_cases(quick: bool = False) -> list[Case]:
+    """The forward benchmark of the Hopper issue; ``quick`` keeps the 4k head-dim-128 cases."""
+    cases = [dense(4096, 128, False), dense(4096, 128, True)]
+    if not quick:
+        cases += [dense(1024, 128, False), dense(1024, 128, True), dense(16384, 128, False, batch=1),
+                  dense(16384, 128, True, batch=1), dense(4096, 64, False), dense(4096, 64, True),
+                  dense(4096, 128, True, kv_heads=8)]
+    cases += [sliding_window(1024), document(), prefix_lm(), alibi(), softcap(True), softcap(False)]
+    if not quick:
+        cases += [sliding_window(4096, seq=16384, batch=1)]
+    return cases

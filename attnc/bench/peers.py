@@ -1,0 +1,77 @@
+"""The peers attnc is measured against, each as ``setup(case, tensors) -> (setup_ms, run(i))``.
+
+cuDNN and FlashAttention-2 through torch's SDPA backends (where SDPA can express the case), and FlexAttention
+compiled with torch.compile, whose create_block_mask time is reported as its setup.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import attnc
+from attnc.bench.cases import Case
+
+
+class NotApplicable(Exception):
+    """The peer cannot compute this case."""
+
+
+def _sdpa(backend_name: str):
+    def setup(case: Case, qs, ks, vs):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if case.sdpa_causal is None:
+            raise NotApplicable("SDPA has no argument for this mask or score_mod")
+        backend = getattr(SDPBackend, backend_name)
+        gqa = case.kv_heads != case.q_heads
+
+        def run(i):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(qs[i], ks[i], vs[i], is_causal=case.sdpa_causal, enable_gqa=gqa)
+        return 0.0, run
+    return setup
+
+
+def _flex(case: Case, qs, ks, vs):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    device = qs[0].device
+    mask_mod, score_mod = case.flex_mask(device), case.flex_score(device)
+    block_mask, setup_ms = None, 0.0
+    if mask_mod is not None:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        block_mask = create_block_mask(mask_mod, None, None, case.seq, case.seq, device=device)
+        torch.cuda.synchronize()
+        setup_ms = (time.perf_counter() - start) * 1e3
+    compiled = torch.compile(flex_attention)
+    gqa = case.kv_heads != case.q_heads
+
+    def run(i):
+        return compiled(qs[i], ks[i], vs[i], score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
+    return setup_ms, run
+
+
+def _attnc(case: Case, qs, ks, vs):
+    device = qs[0].device
+    spec = case.spec(device)
+    start = time.perf_counter()
+    op = attnc.compile(spec, target="cuda", dtype=qs[0].dtype)
+    setup_ms = (time.perf_counter() - start) * 1e3
+
+    def run(i):
+        return op(qs[i], ks[i], vs[i])
+    run.op = op
+    return setup_ms, run
+
+
+PEERS: dict[str, Callable] = {
+    "attnc": _attnc,
+    "cudnn": _sdpa("CUDNN_ATTENTION"),
+    "fa2": _sdpa("FLASH_ATTENTION"),
+    "flex": _flex,
+}

@@ -1,0 +1,83 @@
+"""Benchmark results as JSON, a markdown table (ratios to the peers) and a PNG bar chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PEER_LABELS = {"attnc": "attnc", "cudnn": "cuDNN SDPA", "fa2": "SDPA flash (FA2)", "flex": "FlexAttention"}
+CONVENTION = ("TFLOP/s count only unmasked score elements: (2·qk_dim + 2·v_dim) FLOPs per element in the forward, "
+              "2.5× that in the backward, so masked variants compare with dense ones.")
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "—"
+    if row.get("error"):
+        return "n/a"
+    return f"{row['tflops']:.0f}"
+
+
+def markdown(results: list[dict], title: str) -> str:
+    """One row per case: TFLOP/s per peer, attnc's ratio to each, setup times, peak memory, max difference."""
+    peers = [p for p in PEER_LABELS if any(r["peer"] == p for r in results)]
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    head = ["case"] + [PEER_LABELS[p] for p in peers] + [f"attnc / {PEER_LABELS[p]}" for p in peers if p != "attnc"]
+    head += ["attnc build s", "Flex block mask ms", "attnc peak MiB", "max abs diff to a peer"]
+    lines = [f"### {title}", "", CONVENTION, "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for case in cases:
+        rows = {r["peer"]: r for r in results if r["case"] == case}
+        cells = [case] + [_cell(rows.get(p)) for p in peers]
+        ours = rows.get("attnc")
+        for p in peers:
+            if p == "attnc":
+                continue
+            other = rows.get(p)
+            ok = ours and other and not ours.get("error") and not other.get("error")
+            cells.append(f"{ours['tflops'] / other['tflops']:.2f}×" if ok else "—")
+        cells.append(f"{ours['setup_ms'] / 1e3:.1f}" if ours and not ours.get("error") else "—")
+        flex = rows.get("flex")
+        cells.append(f"{flex['setup_ms']:.1f}" if flex and not flex.get("error") and flex["setup_ms"] else "—")
+        cells.append(f"{ours['peak_mib']:.0f}" if ours and not ours.get("error") else "—")
+        cells.append(f"{ours['max_diff']:.1e}" if ours and ours.get("max_diff") is not None else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    errors = [r for r in results if r.get("error")]
+    if errors:
+        lines += ["", "Not measured: " + "; ".join(f"{r['peer']} on {r['case']}: {r['error']}" for r in errors)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peers = [p for p in PEER_LABELS if any(r["peer"] == p for r in results)]
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    width = 0.8 / max(len(peers), 1)
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cases)), 4.5))
+    for n, peer in enumerate(peers):
+        values = []
+        for case in cases:
+            row = next((r for r in results if r["case"] == case and r["peer"] == peer), None)
+            values.append(row["tflops"] if row and not row.get("error") else 0)
+        ax.bar([i + n * width for i in range(len(cases))], values, width, label=PEER_LABELS[peer])
+    ax.set_xticks([i + width * (len(peers) - 1) / 2 for i in range(len(cases))], cases, rotation=35, ha="right",
+                  fontsize=7)
+    ax.set_ylabel("TFLOP/s (unmasked elements)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(results: list[dict], out_dir: Path, stem: str, title: str) -> str:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``; the markdown text."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    text = markdown(results, title)
+    (out_dir / f"{stem}.md").write_text(text)
+    plot(results, out_dir / f"{stem}.png", title)
+    return text

@@ -1,0 +1,86 @@
+"""Running a benchmark: every case, every peer, one process, one GPU, the same inputs for all."""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+from pathlib import Path
+
+import torch
+
+from attnc.bench import report
+from attnc.bench.cases import Case, forward_cases
+from attnc.bench.measure import forward_flops, rotation_count, time_cuda, tflops, unmasked_elements
+from attnc.bench.peers import PEERS, NotApplicable
+
+
+def _inputs(case: Case, dtype: torch.dtype, device, sets: int):
+    def make(heads):
+        return torch.randn(case.batch, heads, case.seq, case.dim, dtype=dtype, device=device)
+    return ([make(case.q_heads) for _ in range(sets)], [make(case.kv_heads) for _ in range(sets)],
+            [make(case.kv_heads) for _ in range(sets)])
+
+
+def run_forward(cases: list[Case], peers: list[str], dtype: torch.dtype = torch.bfloat16, repeats: int = 20,
+                log=print) -> list[dict]:
+    """Time every peer on every case; a peer that cannot run a case is recorded with its reason."""
+    device = torch.device("cuda")
+    results = []
+    for case in cases:
+        torch.manual_seed(0)
+        probe = _inputs(case, dtype, device, 1)
+        sets = rotation_count([t[0] for t in probe])
+        qs, ks, vs = _inputs(case, dtype, device, sets)
+        del probe
+        spec = case.spec(device)
+        elements = unmasked_elements(spec.ir, case.batch, case.seq, case.seq, spec.captured_tensors(), device)
+        flops = forward_flops(spec.ir, elements)
+        outputs = {}
+        for peer in peers:
+            row = {"case": case.name, "peer": peer, "batch": case.batch, "q_heads": case.q_heads,
+                   "kv_heads": case.kv_heads, "seq": case.seq, "dim": case.dim, "dtype": str(dtype),
+                   "unmasked": elements, "flops": flops}
+            try:
+                setup_ms, fn = PEERS[peer](case, qs, ks, vs)
+                outputs[peer] = fn(0).float()
+                timing = time_cuda(fn, rotations=sets, repeats=repeats)
+                row.update(ms=timing.median_ms, min_ms=timing.min_ms, peak_mib=timing.peak_mib, setup_ms=setup_ms,
+                           tflops=tflops(flops, timing.median_ms))
+                if peer == "attnc":
+                    row["config"] = fn.op.kernel(dtype).config.short()
+            except NotApplicable as reason:
+                row["error"] = str(reason)
+            except Exception as error:  # a failing peer is reported, not fatal to the run
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+                log(traceback.format_exc(limit=3))
+            results.append(row)
+            log(f"{case.name:40s} {peer:6s} " + (f"{row['tflops']:7.1f} TFLOP/s {row['ms']:8.3f} ms"
+                                                   if "tflops" in row else row["error"]))
+        if "attnc" in outputs:
+            reference = next((outputs[p] for p in ("cudnn", "fa2", "flex") if p in outputs), None)
+            attnc_row = next(r for r in results if r["case"] == case.name and r["peer"] == "attnc")
+            attnc_row["max_diff"] = None if reference is None else (outputs["attnc"] - reference).abs().max().item()
+        del qs, ks, vs, outputs
+        torch.cuda.empty_cache()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="attnc bench", description="attnc against its peers, one GPU, one run")
+    parser.add_argument("--quick", action="store_true", help="only the 4k, head-dim-128 cases")
+    parser.add_argument("--peers", default="attnc,cudnn,fa2,flex", help="comma-separated (default: all)")
+    parser.add_argument("--cases", default="", help="only cases whose name contains one of these (comma-separated)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default="bench-results", help="directory for JSON, markdown and PNG")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("attnc bench needs a CUDA GPU; none is visible")
+        return 2
+    cases = forward_cases(quick=args.quick)
+    if args.cases:
+        wanted = [w.strip() for w in args.cases.split(",")]
+        cases = [c for c in cases if any(w in c.name for w in wanted)]
+    results = run_forward(cases, args.peers.split(","), repeats=args.repeats)
+    title = f"Forward, {torch.cuda.get_device_name()}, bf16, medians of {args.repeats}"
+    print(report.write(results, Path(args.out), "fwd", title))
+    return 0

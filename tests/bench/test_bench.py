@@ -1,0 +1,55 @@
+"""The benchmark's arithmetic and reports, checked on the CPU (timing itself needs a GPU)."""
+
+import json
+
+import torch
+
+import attnc
+from attnc.bench import report
+from attnc.bench.cases import forward_cases
+from attnc.bench.measure import forward_flops, rotation_count, tflops, unmasked_elements
+
+
+def test_unmasked_elements_counts_exactly():
+    causal = attnc.Attention(2, mask_mod=attnc.mods.causal()).ir
+    assert unmasked_elements(causal, 3, 100, 100, {}, "cpu", rows=7) == 3 * 2 * 100 * 101 // 2
+    window = attnc.Attention(2, mask_mod=attnc.mods.sliding_window(10)).ir
+    assert unmasked_elements(window, 1, 50, 50, {}, "cpu") == 2 * (sum(range(1, 11)) + 40 * 10)
+    assert unmasked_elements(attnc.Attention(4).ir, 2, 8, 16, {}, "cpu") == 2 * 4 * 8 * 16
+    doc = torch.tensor([0] * 3 + [1] * 5)
+    documents = attnc.Attention(1, mask_mod=attnc.mods.document(doc)).ir
+    assert unmasked_elements(documents, 1, 8, 8, {"doc_ids": doc}, "cpu") == 9 + 25
+
+
+def test_flop_convention_and_rates():
+    ir = attnc.Attention(2, qk_dim=192, v_dim=128).ir
+    assert forward_flops(ir, 10) == 10 * (2 * 192 + 2 * 128)
+    assert tflops(2e12, 1000.0) == 2.0
+    assert rotation_count([torch.empty(2**20)]) == 8 and rotation_count([torch.empty(2**28)]) == 2
+
+
+def test_cases_build_specs_and_flex_mods_that_agree():
+    for case in forward_cases():
+        spec = case.spec(torch.device("cpu"))
+        assert spec.ir.q_heads == case.q_heads and spec.ir.qk_dim == case.dim
+        mask = case.flex_mask(torch.device("cpu"))
+        if mask is not None and case.seq <= 4096:
+            q = torch.arange(256).view(-1, 1)
+            kv = torch.arange(256).view(1, -1)
+            flex = mask(0, 0, q, kv)
+            ours = unmasked_elements(spec.ir, 1, 256, 256, spec.captured_tensors(), "cpu") // case.q_heads
+            assert int(flex.sum()) == ours, case.name
+
+
+def test_report_writes_json_markdown_and_plot(tmp_path):
+    rows = [
+        {"case": "causal", "peer": "attnc", "tflops": 600.0, "setup_ms": 4200.0, "peak_mib": 2.0, "max_diff": 1e-3},
+        {"case": "causal", "peer": "cudnn", "tflops": 560.0, "setup_ms": 0.0},
+        {"case": "causal", "peer": "flex", "tflops": 340.0, "setup_ms": 3.0},
+        {"case": "alibi", "peer": "cudnn", "error": "SDPA has no argument for this mask or score_mod"},
+    ]
+    text = report.write(rows, tmp_path, "fwd", "test")
+    assert "| causal | 600 | 560 | 340 | 1.07× | 1.76× | 4.2 | 3.0 | 2 | 1.0e-03 |" in text
+    assert "cudnn on alibi: SDPA has no argument" in text and report.CONVENTION in text
+    assert json.loads((tmp_path / "fwd.json").read_text()) == rows
+    assert (tmp_path / "fwd.png").stat().st_size > 1000
