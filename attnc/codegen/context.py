@@ -7,13 +7,17 @@ render (jinja2's StrictUndefined), never renders empty.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+import sympy
+
 from attnc.codegen.printer import print_expr
 from attnc.dsl import symbols
+from attnc.dsl.derivative import backward_tiles, read_gradients, score_derivative
 from attnc.dsl.ir import AttentionIR
-from attnc.dsl.tilemap import Q_TILE, TileMap
+from attnc.dsl.tilemap import Q_TILE, TileMap, analyse
 from attnc.schedules.config import KernelConfig
 
 # Kernel variable names the templates bind, for each symbol of the IR and the tile map.
@@ -67,6 +71,7 @@ class KernelContext:
     stages: int
     threads: int
     pack_gqa: bool
+    bwd: BackwardContext | None = None  # set for the backward families (cpu_bwd, bwd) by make_bwd_context
 
 
 def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMap, config: KernelConfig,
@@ -106,3 +111,69 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
         threads=config.threads,
         pack_gqa=config.pack_gqa,
     )
+
+
+@dataclass(frozen=True)
+class GradTerm:
+    """One term of a captured tensor's gradient: ``target += dS * derivative`` (TileLang text; ``dS`` is the
+    gradient of the modified score)."""
+
+    target: str
+    derivative: str
+
+
+@dataclass(frozen=True)
+class BackwardContext:
+    """What the backward templates need beyond the forward's context.
+
+    ``stage``: which kernel of the family to render ('main', and on cuda 'pre', 'dq', 'post'). ``dq_mode``: 'atomic'
+    (the main kernel adds dQ into an fp32 buffer) or 'separate' (a dQ kernel per q tile, no atomics). ``score_grad``:
+    d score_mod / d score ("" when it is 1). ``grad_buffers`` / ``grad_terms``: gradients of float tensor inputs.
+    ``q_begin`` ... ``full_end``: per kv tile (``kv_tile``), the q tiles visited and full (transposed tile map).
+    """
+
+    stage: str
+    dq_mode: str
+    score_grad: str
+    grad_buffers: tuple[InputBuffer, ...]
+    grad_terms: tuple[GradTerm, ...]
+    q_begin: str
+    q_end: str
+    full_begin: str
+    full_end: str
+
+
+def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: KernelConfig, dtype: str,
+                     stage: str = "main", dq_mode: str = "atomic", grads: tuple[str, ...] = ()) -> KernelContext:
+    """The context of a backward kernel: the forward's (tile map included, for the dQ pass) and `BackwardContext`.
+    ``grads`` names the float inputs whose gradients the kernel computes."""
+    ctx = make_context(family, kernel_name, ir, analyse(ir.mask, config.block_m, config.block_n), config, dtype)
+    inputs = {t.name: t for t in ctx.inputs}
+    tensors = {t.name: t.buffer for t in ctx.inputs}
+    kv_names = {**KERNEL_NAMES, Q_TILE: "kv_tile"}
+
+    def text(expr, names=KERNEL_NAMES, buffers=tensors) -> str:
+        out = print_expr(expr, names, buffers)
+        return f'T.cast({out}, "float32")' if sympy.sympify(expr).is_integer else out
+
+    buffers, terms = [], []
+    for name in grads:
+        source = inputs[name]
+        buffers.append(InputBuffer(name, f"grad_{name}", "float32", source.ndim))
+    for term in read_gradients(ir, set(grads)):
+        target = print_expr(term.read, KERNEL_NAMES, {**tensors, term.name: f"grad_{term.name}"})
+        terms.append(GradTerm(target, text(term.derivative)))
+    tiles = backward_tiles(ir.mask, config.block_m, config.block_n)
+    d_score = score_derivative(ir)
+    bwd = BackwardContext(
+        stage=stage,
+        dq_mode=dq_mode,
+        score_grad="" if d_score == 1 else text(d_score),
+        grad_buffers=tuple(buffers),
+        grad_terms=tuple(terms),
+        q_begin=print_expr(tiles.q_begin, kv_names),
+        q_end=print_expr(tiles.q_end, kv_names),
+        full_begin=print_expr(tiles.full_begin, kv_names),
+        full_end=print_expr(tiles.full_end, kv_names),
+    )
+    return dataclasses.replace(ctx, bwd=bwd)
