@@ -1,0 +1,242 @@
+"""Training: autograd of the `attnc::forward` custom op, the `attnc::backward` op, and the backward kernels it runs.
+
+``attnc::backward(q, k, v, out, lse, dout, dlse, extras, op_id, wanted) -> (dq, dk, dv, dextras)`` computes the
+gradients of q, k, v and of the extras listed in ``wanted`` (indices into ``extras``: float captured tensors and
+declared Inputs in kernel order, then sinks). Its fake implementation gives the shapes, so the op trains eagerly and
+under ``torch.compile(fullgraph=True)``. ``dlse`` (the gradient of the returned log-sum-exp) joins the softmax
+backward as ``delta = rowsum(dO * O) - dlse``.
+
+Kernels, per (compiled op, dtype, gradients wanted, dQ mode):
+
+- cpu (``cpu_bwd``): one kernel, scalar loops (see the template's header).
+- cuda (``bwd``, FlashAttention-2 style): ``pre`` (delta and per-q-tile sink-gradient partials), ``main`` (one block
+  per kv tile and kv head, looping over the q heads of its group and the q tiles of the kv-side tile map: dK, dV
+  written once, no atomics; captured-tensor gradients by atomics), and for dQ either
+  ``dq_mode="atomic"``: the main kernel adds dS K into an fp32 buffer with atomics and ``post`` converts it, or
+  ``dq_mode="separate"``: a ``dq`` kernel per q tile over the forward's tile map, no atomics.
+  ``attnc.compile(..., deterministic=True)`` selects ``separate``: dQ, dK, dV and dsinks are then the same bits on
+  every run; gradients of captured tensors accumulate with atomics, so deterministic mode refuses to compute them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from attnc.codegen import build, render
+from attnc.codegen.cache import derive_key
+from attnc.codegen.context import make_bwd_context
+from attnc.dsl.derivative import read_gradients
+from attnc.dsl.ir import AttentionIR
+from attnc.errors import UnsupportedError
+from attnc.runtime import custom_op
+from attnc.runtime.kernels import KERNEL_DTYPES, attnc_version, pass_configs
+from attnc.schedules.config import KernelConfig
+
+DQ_MODES = ("atomic", "separate")
+
+
+def backward_config(ir: AttentionIR, target: build.Target) -> KernelConfig:
+    """The backward's schedule: ``block_m`` q rows, ``block_n`` kv rows per tile.
+
+    cuda: kv tiles of 128 rows for head dims up to 128 (64 above, to fit dK, dV and dQ accumulators in registers),
+    q tiles of 64, 256 threads (two consumer warpgroups). sm_80 pipelines with one stage: tilelang 0.1.15 cannot
+    lower a multi-stage pipeline with a run-time trip count around a gemm there.
+    """
+    if target.kind == "cpu":
+        return KernelConfig(block_m=16, block_n=32, stages=1, threads=1)
+    block_n = 128 if max(ir.qk_dim, ir.v_dim) <= 128 else 64
+    stages = 2 if target.arch == "sm_90a" else 1
+    return KernelConfig(block_m=64, block_n=block_n, stages=stages, threads=256)
+
+
+@dataclass
+class StageKernel:
+    """One rendered (and, on first call, built) backward kernel."""
+
+    key: str
+    source: str
+    target: build.Target
+    compiled: object = None
+
+    def build(self) -> StageKernel:
+        if self.compiled is None:
+            self.compiled = build.build(self.key, self.source, self.target, pass_configs("bwd", self.target))
+        return self
+
+    @property
+    def source_path(self):
+        return build.source_path(self.key)
+
+    def device_source(self) -> str:
+        return self.build().compiled.get_kernel_source()
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        self.build().compiled(*tensors)
+
+
+@dataclass
+class Backward:
+    """The backward kernels of one compiled op for one dtype, set of input gradients (``grads``: names of float
+    inputs read by the score_mod) and dQ mode."""
+
+    ir: AttentionIR
+    target: build.Target
+    dtype: str
+    grads: tuple[str, ...]
+    dq_mode: str
+    config: KernelConfig
+    stages: dict[str, StageKernel] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return "cpu_bwd" if self.target.kind == "cpu" else "bwd"
+
+    def stage_names(self) -> tuple[str, ...]:
+        if self.target.kind == "cpu":
+            return ("main",)
+        return ("pre", "main", "post") if self.dq_mode == "atomic" else ("pre", "main", "dq")
+
+    def stage(self, name: str) -> StageKernel:
+        """The kernel of stage ``name``, rendered on first request."""
+        if name not in self.stages:
+            family, ir = self.family, self.ir
+            key = derive_key(f"{family}_{name}_{self.dtype}_d{ir.qk_dim}_{self.target.label}", {
+                "ir": ir.canonical(),
+                "template": render.template_hash(family),
+                "config": self.config.to_json(),
+                "target": [self.target.kind, self.target.arch],
+                "stage": name,
+                "dq_mode": self.dq_mode,
+                "grads": list(self.grads),
+                "attnc": attnc_version(),
+                "tilelang": build.tilelang_version(),
+            })
+            ctx = make_bwd_context(family, f"attnc_{family}_{name}", ir, self.config, self.dtype, name,
+                                   self.dq_mode, self.grads)
+            self.stages[name] = StageKernel(key, render.render(ctx), self.target)
+        return self.stages[name]
+
+    def build(self) -> Backward:
+        for name in self.stage_names():
+            self.stage(name).build()
+        return self
+
+    def run(self, q, k, v, extras, out, lse, dout, dlse):
+        """Gradients ``(dq, dk, dv, {name: grad} for self.grads, dsinks or None)``, grads of inputs in float32."""
+        ir = self.ir
+        bshd = ir.layout == "bshd"
+        batch, q_len, kv_len = q.shape[0], q.shape[1 if bshd else 2], k.shape[1 if bshd else 2]
+        inputs = extras[:len(ir.inputs)]
+        f32 = dict(dtype=torch.float32, device=q.device)
+        grads = {name: torch.zeros(inputs[[t.name for t in ir.inputs].index(name)].shape, **f32)
+                 for name in self.grads}
+        dsinks = torch.zeros((batch, ir.q_heads), **f32) if ir.sinks else None
+        if batch == 0 or q_len == 0 or kv_len == 0:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), grads, dsinks
+        dlse = torch.zeros_like(lse) if dlse is None else dlse.to(torch.float32).contiguous()
+        delta = torch.empty((batch, ir.q_heads, q_len), **f32)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        if self.target.kind == "cpu":
+            dq = torch.empty(q.shape, **f32)
+            self.stage("main")(q, k, v, *extras, out, lse, dout, dlse, delta, dq, dk, dv, *grads.values(),
+                               *([dsinks] if ir.sinks else []))
+            return dq.to(q.dtype), dk, dv, grads, dsinks
+        sink_parts = (torch.empty((batch, ir.q_heads, -(-q_len // self.config.block_m)), **f32)
+                      if ir.sinks else None)
+        self.stage("pre")(out, dout, lse, dlse, *extras[len(ir.inputs):], delta,
+                          *([sink_parts] if ir.sinks else []))
+        if ir.sinks:
+            dsinks = sink_parts.sum(-1)
+        if self.dq_mode == "atomic":
+            dq_acc = torch.zeros(q.shape, **f32)
+            self.stage("main")(q, k, v, *extras, lse, dout, delta, dq_acc, dk, dv, *grads.values())
+            dq = torch.empty_like(q)
+            self.stage("post")(dq_acc, dq)
+        else:
+            self.stage("main")(q, k, v, *extras, lse, dout, delta, dk, dv, *grads.values())
+            dq = torch.empty_like(q)
+            self.stage("dq")(q, k, v, *extras, lse, dout, delta, dq)
+        return dq, dk, dv, grads, dsinks
+
+
+_BACKWARDS: dict[tuple, Backward] = {}
+
+
+def backward_for(op, dtype: torch.dtype, grads: tuple[str, ...], dq_mode: str | None = None) -> Backward:
+    """The (cached) `Backward` of compiled op ``op`` for ``dtype`` computing the gradients of inputs ``grads``."""
+    deterministic = bool(getattr(op, "deterministic", False))
+    dq_mode = dq_mode or getattr(op, "backward_dq_mode", None) or ("separate" if deterministic else "atomic")
+    if dq_mode not in DQ_MODES:
+        raise UnsupportedError(f"the backward's dQ mode must be one of {DQ_MODES}; got {dq_mode!r}")
+    if deterministic and dq_mode != "separate":
+        raise UnsupportedError("deterministic=True computes dQ without atomics: dq_mode must be 'separate'")
+    if deterministic and grads and op.target.kind == "cuda":
+        listing = ", ".join(f"`{g}`" for g in grads)
+        raise UnsupportedError(
+            f"deterministic=True cannot compute the gradients of {listing}: captured-tensor gradients accumulate "
+            "with atomics on cuda, whose order varies between runs. Compile with deterministic=False, or detach "
+            "those tensors (or stop them requiring grad).")
+    key = (op.op_id, dtype, grads, dq_mode)
+    if key not in _BACKWARDS:
+        _BACKWARDS[key] = Backward(op.ir, op.target, KERNEL_DTYPES[dtype], grads, dq_mode,
+                                   backward_config(op.ir, op.target))
+    return _BACKWARDS[key]
+
+
+def _differentiable_inputs(ir: AttentionIR) -> set[str]:
+    """Names of the inputs the score_mod reads as floats: the ones with a nonzero gradient."""
+    return {g.name for g in read_gradients(ir)}
+
+
+@torch.library.custom_op("attnc::backward", mutates_args=())
+def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+             dout: torch.Tensor, dlse: torch.Tensor | None, extras: list[torch.Tensor], op_id: str,
+             wanted: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    op = custom_op._OPS[op_id]
+    ir = op.ir
+    names = [t.name for t in ir.inputs]
+    differentiable = _differentiable_inputs(ir)
+    grads = tuple(names[i] for i in wanted if i < len(names) and names[i] in differentiable)
+    dq, dk, dv, dinputs, dsinks = backward_for(op, q.dtype, grads).run(
+        q, k, v, list(extras), out, lse, dout.contiguous(), dlse)
+    result = []
+    for i in wanted:
+        if i == len(names):
+            result.append(dsinks.sum(0).to(extras[i].dtype))
+        elif names[i] in dinputs:
+            result.append(dinputs[names[i]].to(extras[i].dtype))
+        else:  # read only by the mask, or not at all: the gradient is zero
+            result.append(torch.zeros_like(extras[i]))
+    return dq, dk, dv, result
+
+
+@backward.register_fake
+def _(q, k, v, out, lse, dout, dlse, extras, op_id, wanted):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), [torch.empty_like(extras[i]) for i in wanted]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, extras, op_id = inputs
+    out, lse = output
+    ctx.op_id = op_id
+    ctx.n_extras = len(extras)
+    ctx.save_for_backward(q, k, v, out, lse, *extras)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *extras = ctx.saved_tensors
+    needs = ctx.needs_input_grad[3]
+    needs = needs if isinstance(needs, (list, tuple)) else [needs] * ctx.n_extras
+    wanted = [i for i, (e, n) in enumerate(zip(extras, needs)) if n and e.is_floating_point()]
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dextras = backward(q, k, v, out, lse, dout, dlse, extras, ctx.op_id, wanted)
+    grads: list[torch.Tensor | None] = [None] * ctx.n_extras
+    for i, g in zip(wanted, dextras):
+        grads[i] = g
+    return dq, dk, dv, grads, None
+
+
+torch.library.register_autograd("attnc::forward", _backward, setup_context=_setup_context)
