@@ -9,6 +9,7 @@ import torch
 from attnc.codegen.build import Target
 from attnc.dsl.spec import Attention
 from attnc.errors import InputError, SpecError, UnsupportedError
+from attnc.runtime import autograd as _autograd  # noqa: F401  (registers the backward of attnc::forward)
 from attnc.runtime import custom_op
 from attnc.runtime.kernels import KERNEL_DTYPES, Kernel
 from attnc.runtime.support import check_supported
@@ -43,8 +44,10 @@ class CompiledAttention:
     Kernels are built on first use per dtype (or ahead of time with `build`), cached in memory and on disk.
     """
 
-    def __init__(self, spec: Attention, target: Target, config: KernelConfig | None = None):
+    def __init__(self, spec: Attention, target: Target, config: KernelConfig | None = None,
+                 deterministic: bool = False):
         self.spec = spec
+        self.deterministic = deterministic
         self.ir = spec.ir
         self.target = target
         self.family = "cpu_fwd" if target.kind == "cpu" else "fwd"
@@ -117,7 +120,7 @@ class CompiledAttention:
 
 
 def compile(spec: Attention, *, target: str | Target = "auto", config: KernelConfig | None = None,
-            dtype: torch.dtype | None = None) -> CompiledAttention:
+            dtype: torch.dtype | None = None, deterministic: bool = False) -> CompiledAttention:
     """Compile ``spec`` into an op.
 
     Args:
@@ -125,12 +128,14 @@ def compile(spec: Attention, *, target: str | Target = "auto", config: KernelCon
         target: ``"auto"`` (default: cuda when a GPU is present, else cpu), ``"cpu"`` or ``"cuda"``.
         config: a `KernelConfig` to use instead of the default heuristic (default: None).
         dtype: build the kernel for this dtype now rather than on first call (default: None, lazily).
+        deterministic: the backward computes dQ without atomics, so gradients are the same bits on every run
+            (default: False: dQ accumulates with atomics, faster). See `attnc.runtime.autograd`.
     """
     if not isinstance(spec, Attention):
         raise SpecError(f"attnc.compile takes an attnc.Attention; got {type(spec).__name__}")
     resolved = resolve_target(target)
     check_supported(spec.ir, resolved)
-    op = CompiledAttention(spec, resolved, config)
+    op = CompiledAttention(spec, resolved, config, deterministic)
     if dtype is not None:
         op.build(dtype)
     return op
