@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -14,6 +14,7 @@ from attnc.runtime import custom_op
 from attnc.runtime.kernels import KERNEL_DTYPES, Kernel
 from attnc.runtime.support import check_supported
 from attnc.runtime.validate import IndexBounds, Shapes, check_extras, check_qkv, check_sinks
+from attnc.schedules import tuner
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.heuristics import default_config
 
@@ -41,18 +42,23 @@ def resolve_target(target: str | Target) -> Target:
 class CompiledAttention:
     """An attention op compiled from a spec: ``op(q, k, v, **inputs)`` → output (and lse).
 
-    Kernels are built on first use per dtype (or ahead of time with `build`), cached in memory and on disk.
+    Kernels are built on first use per (dtype, config) (or ahead of time with `build`), cached in memory and on
+    disk. The config of a call comes from the tuning database for the call's shape bucket when it has an entry,
+    else from the default heuristic (`config_for`); an explicit ``config`` overrides both.
     """
 
     def __init__(self, spec: Attention, target: Target, config: KernelConfig | None = None,
-                 deterministic: bool = False):
+                 deterministic: bool = False, *, tune: bool = False, tune_options: Mapping | None = None):
         self.spec = spec
         self.deterministic = deterministic
         self.ir = spec.ir
         self.target = target
         self.family = "cpu_fwd" if target.kind == "cpu" else "fwd"
         self._config = config
-        self._kernels: dict[torch.dtype, Kernel] = {}
+        self.tune = tune
+        self.tune_options = tuner.check_tune_options(tune_options)
+        self._kernels: dict[tuple[torch.dtype, KernelConfig], Kernel] = {}
+        self._dispatch: dict[tuple, tuple[KernelConfig, str]] = {}  # tuner.dispatch_slot -> (config, source)
         self._bounds = IndexBounds(self.ir)
         self._captured = spec.captured_tensors()
         self.op_id = custom_op.register(self)
@@ -62,15 +68,31 @@ class CompiledAttention:
             return self._config
         return default_config(self.family, self.target.arch or "cpu", self.ir, KERNEL_DTYPES[dtype])
 
-    def kernel(self, dtype: torch.dtype) -> Kernel:
-        """The forward kernel for ``dtype``, rendered (not built) on first request."""
+    def config_for(self, dtype: torch.dtype, batch: int, q_len: int, kv_len: int,
+                   inputs: Mapping[str, torch.Tensor] | None = None) -> tuple[KernelConfig, str]:
+        """The config a call of these sizes runs, and where it comes from: ``'explicit'`` (compile's ``config``),
+        ``'database'`` (the tuning database's entry for the call's shape bucket), ``'tuned'`` (tuned now, not
+        recorded) or ``'heuristic'`` (the default). Resolved once per (dtype, bucket) and kept in memory; with
+        ``tune=True`` a bucket without an entry is tuned first (`attnc.schedules.tuner.lookup_or_tune`)."""
+        if self._config is not None:
+            return self._config, "explicit"
+        slot = tuner.dispatch_slot(self.ir, dtype, batch, q_len, kv_len)
+        if slot not in self._dispatch:
+            self._dispatch[slot] = tuner.lookup_or_tune(self, dtype, batch=batch, q_len=q_len, kv_len=kv_len,
+                                                        inputs=inputs)
+        return self._dispatch[slot]
+
+    def kernel(self, dtype: torch.dtype, config: KernelConfig | None = None) -> Kernel:
+        """The forward kernel for ``dtype`` and ``config`` (default: `config`), rendered (not built) on first
+        request."""
         if dtype not in TARGET_DTYPES[self.target.kind]:
             names = ", ".join(str(d).replace("torch.", "") for d in TARGET_DTYPES[self.target.kind])
             raise InputError(f"the {self.target.kind} target computes in {names}; got {dtype}")
-        if dtype not in self._kernels:
-            self._kernels[dtype] = Kernel.render(self.family, self.ir, self.config(dtype), KERNEL_DTYPES[dtype],
-                                                 self.target)
-        return self._kernels[dtype]
+        config = config or self.config(dtype)
+        if (dtype, config) not in self._kernels:
+            self._kernels[dtype, config] = Kernel.render(self.family, self.ir, config, KERNEL_DTYPES[dtype],
+                                                         self.target)
+        return self._kernels[dtype, config]
 
     def build(self, dtype: torch.dtype | None = None) -> CompiledAttention:
         """Build the kernel for ``dtype`` now (default: the target's first dtype) instead of on first call."""
@@ -107,20 +129,26 @@ class CompiledAttention:
             return out, lse
         if kv_len == 0:
             return out.zero_(), lse.fill_(float("-inf"))
-        self.kernel(q.dtype)(q, k, v, *extras, out, lse)
+        config, _ = self.config_for(q.dtype, batch, q_len, kv_len, {t.name: e for t, e in zip(ir.inputs, extras)})
+        self.kernel(q.dtype, config)(q, k, v, *extras, out, lse)
         return out, lse
 
     def __repr__(self) -> str:
         lines = [f"CompiledAttention({self.spec!r}, target={self.target.label})"]
-        for dtype, kernel in self._kernels.items():
+        for (dtype, _), kernel in self._kernels.items():
             lines.append(f"  {str(dtype).replace('torch.', '')}: {kernel.key} config={kernel.config.short()}")
+        for (dtype, q_bucket, kv_bucket, bh_bucket), (config, source) in self._dispatch.items():
+            lines.append(f"  {str(dtype).replace('torch.', '')} q{q_bucket} kv{kv_bucket} bh{bh_bucket}: "
+                         f"config={config.short()} ({source})")
         if not self._kernels:
             lines.append("  no kernel built yet (built on first call or by .build(dtype))")
         return "\n".join(lines)
 
 
 def compile(spec: Attention, *, target: str | Target = "auto", config: KernelConfig | None = None,
-            dtype: torch.dtype | None = None, deterministic: bool = False) -> CompiledAttention:
+            dtype: torch.dtype | None = None, deterministic: bool = False, tune: bool = False,
+            tune_shapes: Sequence[tuple[int, int, int]] | None = None,
+            tune_options: Mapping | None = None) -> CompiledAttention:
     """Compile ``spec`` into an op.
 
     Args:
@@ -130,12 +158,27 @@ def compile(spec: Attention, *, target: str | Target = "auto", config: KernelCon
         dtype: build the kernel for this dtype now rather than on first call (default: None, lazily).
         deterministic: the backward computes dQ without atomics, so gradients are the same bits on every run
             (default: False: dQ accumulates with atomics, faster). See `attnc.runtime.autograd`.
+        tune: autotune the forward kernel per shape bucket (default: False: tuning database entries are used where
+            present, the default heuristic elsewhere). With True, every bucket without a database entry is tuned
+            (`attnc.schedules.tuner.tune`) and recorded: those of ``tune_shapes`` now, any other on its first call
+            (that call then takes up to the tuning budget, 60 s by default).
+        tune_shapes: ``(batch, q_len, kv_len)`` shapes to tune now, in ``dtype`` (default: the target's first
+            dtype) (default: None: none now, each bucket on its first call).
+        tune_options: the tuner's settings (default: None: its defaults): ``budget_s``, ``max_candidates``,
+            ``workers``, ``configs``, ``progress``, ``database`` (also where dispatch looks), ``inputs``, ``force``;
+            see `attnc.schedules.tuner.TUNE_OPTIONS`.
     """
     if not isinstance(spec, Attention):
         raise SpecError(f"attnc.compile takes an attnc.Attention; got {type(spec).__name__}")
     resolved = resolve_target(target)
     check_supported(spec.ir, resolved)
-    op = CompiledAttention(spec, resolved, config, deterministic)
+    if tune and config is not None:
+        raise InputError("pass either `config` (a fixed KernelConfig) or `tune=True`, not both")
+    if tune_shapes and not tune:
+        raise InputError("`tune_shapes` are tuned only with `tune=True`; pass tune=True as well")
+    op = CompiledAttention(spec, resolved, config, deterministic, tune=tune, tune_options=tune_options)
+    if tune and tune_shapes:
+        tuner.tune_ahead(op, tune_shapes, dtype or TARGET_DTYPES[resolved.kind][0])
     if dtype is not None:
         op.build(dtype)
     return op
