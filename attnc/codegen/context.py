@@ -120,6 +120,7 @@ class GradTerm:
 
     target: str
     derivative: str
+    per_element: bool = True  # the read's index depends on q_idx or kv_idx (else: one address per (b, h))
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,8 @@ def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: Ker
         buffers.append(InputBuffer(name, f"grad_{name}", "float32", source.ndim))
     for term in read_gradients(ir, set(grads)):
         target = print_expr(term.read, KERNEL_NAMES, {**tensors, term.name: f"grad_{term.name}"})
-        terms.append(GradTerm(target, text(term.derivative)))
+        varies = any(i.has(symbols.q_idx, symbols.kv_idx) for i in term.read.indices)
+        terms.append(GradTerm(target, text(term.derivative), varies))
     tiles = backward_tiles(ir.mask, config.block_m, config.block_n)
     d_score = score_derivative(ir)
     bwd = BackwardContext(
