@@ -248,7 +248,7 @@ def test_bad_tile_sizes():
         analyse(sympy.true, 64, 0)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(window=st.integers(1, 300), bm=st.sampled_from([16, 32, 64, 128]), bn=st.sampled_from([16, 32, 64, 128]),
        ql=st.integers(1, 400), kl=st.integers(1, 400), prefix=st.integers(0, 200))
 def test_property_windows_and_prefixes(window, bm, bn, ql, kl, prefix):
@@ -258,7 +258,7 @@ def test_property_windows_and_prefixes(window, bm, bn, ql, kl, prefix):
         check(analyse(mask, bm, bn), dense(mod.name, ql, kl, mask), exact, f"{mod.name} {bm}x{bn} {ql}x{kl}")
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(chunk=st.integers(1, 200), bm=st.sampled_from([16, 32, 64, 128]), bn=st.sampled_from([16, 32, 64, 128]),
        ql=st.integers(1, 400), kl=st.integers(1, 400), offset=st.integers(-150, 150))
 def test_property_chunks_and_offset_diagonals(chunk, bm, bn, ql, kl, offset):
