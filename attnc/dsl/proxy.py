@@ -155,6 +155,22 @@ class Proxy:
     def sign(self): return apply_function(torch.sign, (self,))
     def clamp(self, min=None, max=None): return apply_function(torch.clamp, (self, min, max))
 
+    def _constant(self, value, shape, dtype) -> Proxy:
+        if tuple(shape) not in ((), (1,)):
+            raise SpecError(f"a mod builds a tensor of shape {tuple(shape)} from a traced value; only scalars trace")
+        if dtype == torch.bool:
+            return Proxy(sympy.true if value else sympy.false, BOOL)
+        if dtype is not None and dtype.is_floating_point or dtype is None and self.kind == FLOAT:
+            return Proxy(sympy.Float(value), FLOAT)
+        return Proxy(sympy.Integer(value), INT)
+
+    def new_zeros(self, shape, dtype=None, **_):
+        """FlexAttention's ``or_masks`` starts from ``b.new_zeros((), dtype=torch.bool)``."""
+        return self._constant(0, shape, dtype)
+
+    def new_ones(self, shape, dtype=None, **_):
+        return self._constant(1, shape, dtype)
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         return apply_function(func, args, kwargs or {})

@@ -88,6 +88,8 @@ class TraceContext:
             name = self._name_for(source)
             declared = TensorInput(name, dtype_name(source.dtype), tuple(source.shape), captured=True)
             self.tensors[name] = source
+        if len(index) < len(declared.shape) and not any(isinstance(i, (slice, type(Ellipsis))) for i in index):
+            return PartialRead(self, source, index)
         if len(index) != len(declared.shape):
             raise SpecError(
                 f"{self.what} indexes `{name}` (shape {declared.shape}) with {len(index)} indices; "
@@ -128,6 +130,21 @@ class TraceContext:
             return result
         expr, kind = lift(result)
         return Proxy(expr, kind)
+
+
+class PartialRead:
+    """``table[i]`` of a tensor with more dimensions: a value only once every dimension is indexed
+    (``bias[q_idx][kv_idx]`` reads like ``bias[q_idx, kv_idx]``)."""
+
+    def __init__(self, context: TraceContext, source: torch.Tensor | Input, index: tuple):
+        self.context, self.source, self.index = context, source, index
+
+    def __getitem__(self, more):
+        more = more if isinstance(more, tuple) else (more,)
+        return self.context.read(self.source, self.index + more)
+
+    def __getattr__(self, name):
+        raise SpecError(f"{self.context.what} uses a partly indexed tensor (`.{name}`); index every dimension")
 
 
 def _mod_name(fn: Callable) -> str:

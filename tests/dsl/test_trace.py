@@ -135,3 +135,36 @@ def test_untraceable_score_mods_raise_spec_errors_naming_the_problem(fn, message
 def test_bad_mask_mods_raise_spec_errors(fn, message):
     with pytest.raises((SpecError, NameError), match=message):
         attnc.Attention(4, mask_mod=fn)
+
+
+def test_flex_attention_helpers_and_chained_indexing_trace():
+    bias = torch.randn(6, 6)
+
+    def or_masks(*mask_mods):  # as FlexAttention's or_masks / and_masks build their result
+        def or_mask(b, h, q_idx, kv_idx):
+            result = b.new_zeros((), dtype=torch.bool)
+            for mask in mask_mods:
+                result = result | mask(b, h, q_idx, kv_idx)
+            return result
+        return or_mask
+
+    def and_masks(*mask_mods):
+        def and_mask(b, h, q_idx, kv_idx):
+            result = b.new_ones((), dtype=torch.bool)
+            for mask in mask_mods:
+                result = result & mask(b, h, q_idx, kv_idx)
+            return result
+        return and_mask
+
+    spec = attnc.Attention(
+        2, score_mod=lambda score, b, h, q_idx, kv_idx: score + bias[q_idx][kv_idx],
+        mask_mod=or_masks(lambda b, h, q, k: k < 2, and_masks(lambda b, h, q, k: q >= k, lambda b, h, q, k: q < 5)))
+    assert str(spec.ir.score) == "score + bias[q_idx, kv_idx]"
+    env = grid(6, 6, heads=2)
+    keep = torch.as_tensor(evaluate(spec.ir.mask, env, {})).expand(2, 2, 6, 6)
+    q, k = env[s.q_idx], env[s.kv_idx]
+    assert torch.equal(keep, ((k < 2) | ((q >= k) & (q < 5))).expand(2, 2, 6, 6))
+    with pytest.raises(SpecError, match="only scalars trace"):
+        attnc.Attention(2, mask_mod=lambda b, h, q, k: b.new_zeros((3,), dtype=torch.bool) | (q > k))
+    with pytest.raises(SpecError, match="partly indexed"):
+        attnc.Attention(2, score_mod=lambda score, b, h, q, k: score + bias[q].sum())
