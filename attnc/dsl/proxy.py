@@ -32,12 +32,30 @@ def lift(value: Any) -> tuple[sympy.Basic, str]:
         if math.isnan(value):
             raise SpecError("a mod produced NaN as a constant; attnc cannot compile NaN into a kernel")
         return sympy.Float(value), FLOAT
+    if isinstance(value, PartialRead):
+        raise SpecError(f"{value.context.what} indexes a tensor of {len(value.source.shape)} dimensions with "
+                        f"{len(value.index)} indices; index every dimension")
     if isinstance(value, torch.Tensor):
         raise SpecError(
             f"a mod uses a captured tensor of shape {tuple(value.shape)} as a value; index it with the traced "
             "indices (`bias[h]`, `doc_ids[q_idx]`) or use a Python number"
         )
     raise SpecError(f"a mod combined a traced value with {type(value).__name__} {value!r}, which attnc cannot trace")
+
+
+class PartialRead:
+    """``table[i]`` of a tensor with more dimensions: a value only once every dimension is indexed
+    (``bias[q_idx][kv_idx]`` reads like ``bias[q_idx, kv_idx]``)."""
+
+    def __init__(self, context, source, index: tuple):
+        self.context, self.source, self.index = context, source, index
+
+    def __getitem__(self, more):
+        more = more if isinstance(more, tuple) else (more,)
+        return self.context.read(self.source, self.index + more)
+
+    def __getattr__(self, name):
+        raise SpecError(f"{self.context.what} uses a partly indexed tensor (`.{name}`); index every dimension")
 
 
 def _number_kind(*kinds: str) -> str:

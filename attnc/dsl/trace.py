@@ -18,7 +18,7 @@ import torch
 
 from attnc.dsl import symbols
 from attnc.dsl.inputs import Input, TensorInput, dtype_name
-from attnc.dsl.proxy import BOOL, FLOAT, INT, Proxy, lift
+from attnc.dsl.proxy import BOOL, FLOAT, INT, PartialRead, Proxy, lift
 from attnc.errors import SpecError
 
 _CURRENT: contextvars.ContextVar[TraceContext | None] = contextvars.ContextVar("attnc_trace", default=None)
@@ -130,21 +130,6 @@ class TraceContext:
             return result
         expr, kind = lift(result)
         return Proxy(expr, kind)
-
-
-class PartialRead:
-    """``table[i]`` of a tensor with more dimensions: a value only once every dimension is indexed
-    (``bias[q_idx][kv_idx]`` reads like ``bias[q_idx, kv_idx]``)."""
-
-    def __init__(self, context: TraceContext, source: torch.Tensor | Input, index: tuple):
-        self.context, self.source, self.index = context, source, index
-
-    def __getitem__(self, more):
-        more = more if isinstance(more, tuple) else (more,)
-        return self.context.read(self.source, self.index + more)
-
-    def __getattr__(self, name):
-        raise SpecError(f"{self.context.what} uses a partly indexed tensor (`.{name}`); index every dimension")
 
 
 def _mod_name(fn: Callable) -> str:

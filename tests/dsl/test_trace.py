@@ -116,7 +116,7 @@ def test_tensor_values_do_not_change_the_spec_hash():
     (lambda score, b, h, q, k: score + float("nan"), "NaN"),
     (lambda score, b, h, q, k: q > k, "returned a boolean"),
     (lambda score, b, h, q, k: score + torch.ones(4)[score], "indices must be integers"),
-    (lambda score, b, h, q, k: score + torch.ones(4, 4)[h], "index every dimension"),
+    (lambda score, b, h, q, k: score + torch.ones(4, 4)[h], "2 dimensions with 1 indices; index every dimension"),
     (lambda score, b, h, q, k: score + torch.ones(4, 4)[h, :], "slice"),
     (lambda score, b, h, q: score, "must take 5 arguments"),
     (lambda score, b, h, q, k: score // 2, "integer operands"),
