@@ -120,7 +120,7 @@ def test_tensor_values_do_not_change_the_spec_hash():
     (lambda score, b, h, q, k: score + torch.ones(4, 4)[h, :], "slice"),
     (lambda score, b, h, q: score, "must take 5 arguments"),
     (lambda score, b, h, q, k: score // 2, "integer operands"),
-    (lambda score, b, h, q, k: score + undefined_name, "NameError"),
+    (lambda score, b, h, q, k: score + undefined_name, "NameError"),  # noqa: F821
 ])
 def test_untraceable_score_mods_raise_spec_errors_naming_the_problem(fn, message):
     with pytest.raises(SpecError, match=message):

@@ -3,7 +3,6 @@
 import json
 import logging
 import multiprocessing
-import os
 import sqlite3
 from pathlib import Path
 
