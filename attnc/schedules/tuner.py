@@ -8,20 +8,22 @@ target, keep the fastest and record it in the tuning database.
    at most ``max_candidates`` of them.
 2. **Builds** run in ``workers`` spawned processes (`ProcessPoolExecutor`, spawn context), which only render and
    build into the disk cache; the parent then loads each kernel from that cache (~0.1 s). A build that fails is
-   logged and skipped; a worker process that dies is replaced (twice at most).
-3. **Check.** Each loaded kernel runs on one small random input (at most ``CHECK_LEN`` per length, batch ≤ 2) and
-   is compared with `attention_reference` by DESIGN.md's rule (fp32: max abs error ≤ 1e-4; bf16/fp16: ≤ 2× torch's
-   own same-precision error + 1e-5; lse likewise, with -inf exactly where the reference has it). A wrong kernel, or
-   one that raises, is logged and skipped: never chosen.
+   logged and skipped; a worker process that dies is replaced (twice at most). Configs this process has loaded
+   before (an earlier bucket of the same spec) need no worker.
+3. **Check.** Each loaded kernel runs on one small random input (at most ``harness.CHECK_LEN`` per length, batch
+   ≤ 2) and is compared with `attention_reference` by DESIGN.md's rule (fp32: max abs error ≤ 1e-4; bf16/fp16: ≤ 2×
+   torch's own same-precision error + 1e-5; lse likewise, with -inf exactly where the reference has it). A wrong
+   kernel, or one that raises, is logged and skipped: never chosen. (A kernel that faults the GPU, an illegal
+   address say, leaves CUDA unusable in the process: the candidates after it then fail to run as well.)
 4. **Timing** at the bucket's real sizes with `timing.measure`: CUDA events, warm-up, median of ``reps`` runs,
    rotating among several input sets. On CUDA, kernels are checked and timed as their builds finish, while the
    workers build the rest; on the CPU target after all builds, so that builds do not disturb the timings.
 5. **Record** the fastest in the `TuningDatabase` with its time, TFLOP/s (unmasked elements only) and the number of
    candidates tried. The database keeps the faster of the new and any earlier entry.
 
-``budget_s`` (default 60 s) bounds the whole run, builds included: when it runs out nothing new starts, unless no
-candidate has been timed yet (then the run goes on until one has, or up to twice the budget). A tqdm bar shows the
-candidates built, timed and the best so far.
+``budget_s`` (default 60 s) bounds the whole run, builds included: when it runs out, nothing new starts, except
+that a run never ends without a result it can still get: builds go on until one has succeeded, and checks and
+timings until one candidate has been timed. A tqdm bar shows the candidates built, timed and the best so far.
 
 The tuner runs the forward families (``fwd``, ``cpu_fwd``), whose kernels are called as
 ``kernel(q, k, v, *extras, out, lse)``; other families are refused until they have a runner here.
@@ -29,6 +31,7 @@ The tuner runs the forward families (``fwd``, ``cpu_fwd``), whose kernels are ca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -47,6 +50,7 @@ from attnc.errors import AttncError, InputError, UnsupportedError
 from attnc.schedules import timing
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.database import TuningDatabase, TuningKey
+from attnc.schedules.harness import Harness, InputsArg
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +60,8 @@ DEFAULT_BUDGET_S = 60.0
 MAX_WORKERS = 16
 """Build processes at most (the GPU machine has 16 cores); the default is ``min(os.cpu_count(), MAX_WORKERS)``."""
 
-CHECK_LEN = 300
-"""The check input's lengths are at most this (ragged for every block size up to 256)."""
-
 FORWARD_FAMILIES = ("fwd", "cpu_fwd")
+_BUILT: set[tuple] = set()  # (ir key, family, dtype, target, config) this process has loaded: no worker needed
 _POOL_RESTARTS = 2
 
 
@@ -81,10 +83,14 @@ class Candidate:
 
 @dataclass(frozen=True)
 class TuneResult:
-    """The outcome of tuning one bucket: the best config, its median time and TFLOP/s, the default heuristic's
-    config and time in the same run, every candidate's fate, the run's duration, and whether the database took it."""
+    """The outcome of tuning one bucket: the sizes timed, the best config, its median time and TFLOP/s, the
+    default heuristic's config and time in the same run, every candidate's fate, the run's duration, and whether
+    the database took it."""
 
     key: TuningKey
+    batch: int
+    q_len: int
+    kv_len: int
     best: KernelConfig
     ms: float
     tflops: float
@@ -105,7 +111,7 @@ class TuneResult:
     def summary(self) -> str:
         default = "default not timed" if self.default_ms is None else (
             f"default {self.default.short()} {self.default_ms:.4f} ms, gain {self.gain:.2f}x")
-        return (f"{self.key.short()}: best {self.best.short()} {self.ms:.4f} ms, {self.tflops:.2f} TFLOP/s; {default}; "
+        return (f"{self.key.short()}: best {self.best.short()} {self.ms:.4f} ms, {self.tflops:.4g} TFLOP/s; {default}; "
                 f"{self.count('timed')} timed, {self.count('build_failed')} failed to build, "
                 f"{self.count('wrong')} wrong, {self.count('run_failed')} failed to run, "
                 f"{self.count('not_reached')} not reached; {self.seconds:.1f} s")
@@ -156,39 +162,51 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _build_worker(family, ir, config, dtype_name, target, cache: str | None):
-    """Render and build one candidate into the disk cache; (error or None, seconds, the kernel when in-process)."""
-    if cache is not None:  # a worker process: build into the parent's cache
-        os.environ["ATTNC_CACHE_DIR"] = cache
+def _build_worker(family, ir, config, dtype_name, target, cache: str) -> tuple[str | None, float]:
+    """In a worker process: render and build one candidate into ``cache``; (error or None, seconds)."""
+    os.environ["ATTNC_CACHE_DIR"] = cache
     from attnc.runtime.kernels import Kernel
 
+    return _timed_build(lambda: Kernel.render(family, ir, config, dtype_name, target).build())
+
+
+def _timed_build(build: Callable[[], object]) -> tuple[str | None, float]:
     start = time.perf_counter()
     try:
-        kernel = Kernel.render(family, ir, config, dtype_name, target).build()
+        build()
     except Exception as error:  # noqa: BLE001 - any failure of one candidate is that candidate's, logged and skipped
-        return _one_line(error), time.perf_counter() - start, None
-    return None, time.perf_counter() - start, (kernel if cache is None else None)
+        return _one_line(error), time.perf_counter() - start
+    return None, time.perf_counter() - start
 
 
-def _builds(jobs: dict[int, KernelConfig], family, ir, dtype_name, target, workers: int,
-            stop_at: Callable[[], float]) -> Iterator[tuple[int, str | None, float, object]]:
-    """Yield ``(index, error, seconds, kernel or None)`` as builds finish; stop when ``stop_at()`` has passed."""
+def _builds(jobs: dict[int, KernelConfig], ready: Sequence[int], family, ir, dtype_name, target, workers: int,
+            stop_at: Callable[[], float], build_here: Callable[[KernelConfig], object]
+            ) -> Iterator[tuple[int, str | None, float]]:
+    """Yield ``(index, error or None, seconds)`` as builds finish, the ``ready`` ones (built before) first, once the
+    workers have their jobs; stop when ``stop_at()`` has passed.
+
+    With ``workers <= 1`` the builds run in this process, through ``build_here(config)``.
+    """
     pending = dict(jobs)
-    if workers <= 1:
+    if workers <= 1 or not pending:
+        yield from ((index, None, 0.0) for index in ready)
         for index, config in list(pending.items()):
             if time.monotonic() >= stop_at():
                 return
-            yield (index, *_build_worker(family, ir, config, dtype_name, target, None))
+            yield (index, *_timed_build(lambda: build_here(config)))
         return
     from attnc.codegen.cache import cache_dir
 
     cache = str(cache_dir())
     restarts = 0
     while pending:
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(pending)),
+                                   mp_context=multiprocessing.get_context("spawn"))
         futures = {pool.submit(_build_worker, family, ir, c, dtype_name, target, cache): i for i, c in pending.items()}
         broken = False
         try:
+            yield from ((index, None, 0.0) for index in ready)
+            ready = ()
             waiting = set(futures)
             while waiting:
                 remaining = stop_at() - time.monotonic()
@@ -198,14 +216,14 @@ def _builds(jobs: dict[int, KernelConfig], family, ir, dtype_name, target, worke
                 for future in done:
                     index = futures[future]
                     try:
-                        error, seconds, _ = future.result()
+                        error, seconds = future.result()
                     except BrokenProcessPool:
                         broken = True
                         continue
                     except Exception as exc:  # noqa: BLE001 - e.g. an argument that does not pickle
                         error, seconds = _one_line(exc), 0.0
                     pending.pop(index)
-                    yield index, error, seconds, None
+                    yield index, error, seconds
         finally:
             _shutdown(pool)
         if not broken:
@@ -214,7 +232,7 @@ def _builds(jobs: dict[int, KernelConfig], family, ir, dtype_name, target, worke
         if restarts > _POOL_RESTARTS:
             for index in list(pending):
                 yield index, ("a build worker process died (a crash in tilelang or nvcc, or a script that tunes "
-                              "without an `if __name__ == '__main__':` guard)"), 0.0, None
+                              "without an `if __name__ == '__main__':` guard)"), 0.0
             return
         log.warning("a build worker process died; restarting the pool for %d candidates", len(pending))
 
@@ -228,106 +246,6 @@ def _shutdown(pool: ProcessPoolExecutor) -> None:
             process.terminate()
     for process in processes:
         process.join(timeout=5)
-
-
-# --- checking and timing --------------------------------------------------------------------------------------------
-
-def _outputs(ir, q: torch.Tensor, fill: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    if ir.layout == "bshd":
-        batch, q_len = q.shape[0], q.shape[1]
-        shape = (batch, q_len, ir.q_heads, ir.v_dim)
-    else:
-        batch, q_len = q.shape[0], q.shape[2]
-        shape = (batch, ir.q_heads, q_len, ir.v_dim)
-    if fill is None:
-        return (torch.empty(shape, dtype=q.dtype, device=q.device),
-                torch.empty((batch, ir.q_heads, q_len), dtype=torch.float32, device=q.device))
-    return (torch.full(shape, fill, dtype=q.dtype, device=q.device),
-            torch.full((batch, ir.q_heads, q_len), fill, dtype=torch.float32, device=q.device))
-
-
-InputsArg = Mapping[str, torch.Tensor] | Callable[[int, int], Mapping[str, torch.Tensor]] | None
-
-
-class _Bench:
-    """The check input and its reference, the timing inputs, and running one kernel on them."""
-
-    def __init__(self, op, dtype: torch.dtype, batch: int, q_len: int, kv_len: int, inputs: InputsArg,
-                 device: torch.device, *, warmup: int, reps: int):
-        from attnc.runtime.check import max_abs_error, random_qkv, random_sinks, tolerance
-        from attnc.runtime.reference import attention_reference
-
-        self.op, self.ir, self.dtype, self.device = op, op.ir, dtype, device
-        self.batch, self.q_len, self.kv_len, self.inputs = batch, q_len, kv_len, inputs
-        self.warmup, self.reps = warmup, reps
-        self._timing_sets = None
-        ir = self.ir
-        cb, cq, ckv = min(batch, 2), min(q_len, CHECK_LEN), min(kv_len, CHECK_LEN)
-        given = self._given(cq, ckv)
-        generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-        self.check_q, self.check_k, self.check_v = random_qkv(ir, cb, cq, ckv, dtype, device, generator)
-        sinks = random_sinks(ir, device, generator)
-        _, self.check_extras = op.prepare(self.check_q, self.check_k, self.check_v, given, sinks)
-        tensors = {**{n: t.to(device) for n, t in op.spec.captured_tensors().items()}, **given}
-        args = (ir, self.check_q, self.check_k, self.check_v, tensors, sinks)
-        self.ref_out, self.ref_lse = attention_reference(*args, dtype=torch.float64)
-        self.finite = torch.isfinite(self.ref_lse)
-        if dtype == torch.float32:
-            self.tol = self.lse_tol = tolerance(dtype)
-        else:
-            low_out, low_lse = attention_reference(*args, dtype=dtype)
-            self.tol = tolerance(dtype, max_abs_error(low_out, self.ref_out))
-            self.lse_tol = tolerance(dtype, max_abs_error(low_lse[self.finite], self.ref_lse[self.finite]))
-        self._max_abs_error = max_abs_error
-
-    def _given(self, q_len: int, kv_len: int) -> dict[str, torch.Tensor]:
-        made = self.inputs(q_len, kv_len) if callable(self.inputs) else (self.inputs or {})
-        return {name: t.to(self.device) for name, t in made.items()}
-
-    def verify(self, kernel) -> str | None:
-        """None when ``kernel`` agrees with the reference, else what is wrong."""
-        out, lse = _outputs(self.ir, self.check_q, fill=float("nan"))  # a kernel that writes nothing must not pass
-        kernel(self.check_q, self.check_k, self.check_v, *self.check_extras, out, lse)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        error = self._max_abs_error(out, self.ref_out)
-        if not error <= self.tol:
-            return f"output max abs error {error:.3g} > tolerance {self.tol:.3g}"
-        if not torch.equal(torch.isneginf(lse), torch.isneginf(self.ref_lse)):
-            return "lse is not -inf exactly where the reference's is (fully masked rows)"
-        lse_error = self._max_abs_error(lse[self.finite], self.ref_lse[self.finite]) if self.finite.any() else 0.0
-        if not lse_error <= self.lse_tol:
-            return f"lse max abs error {lse_error:.3g} > tolerance {self.lse_tol:.3g}"
-        return None
-
-    def _sets(self) -> list[tuple]:
-        if self._timing_sets is None:
-            from attnc.runtime.check import random_qkv, random_sinks
-
-            ir, generator = self.ir, torch.Generator().manual_seed(0)
-            given = self._given(self.q_len, self.kv_len)
-            first = random_qkv(ir, self.batch, self.q_len, self.kv_len, self.dtype, self.device, generator)
-            _, extras = self.op.prepare(*first, given, random_sinks(ir, self.device, generator))
-            out, lse = _outputs(ir, first[0])
-            per_set = sum(t.numel() * t.element_size() for t in (*first, out, lse))
-            sets = [(*first, out, lse)]
-            for _ in range(timing.buffer_count(per_set, self.device) - 1):
-                qkv = random_qkv(ir, self.batch, self.q_len, self.kv_len, self.dtype, self.device, generator)
-                sets.append((*qkv, *_outputs(ir, qkv[0])))
-            self.extras = extras
-            self._timing_sets = sets
-        return self._timing_sets
-
-    def time(self, kernel, max_seconds: float | None) -> timing.Timing:
-        extras = None
-
-        def run(q, k, v, out, lse):
-            kernel(q, k, v, *extras, out, lse)
-
-        sets = self._sets()
-        extras = self.extras
-        return timing.measure(run, sets, device=self.device, warmup=self.warmup, reps=self.reps,
-                              max_seconds=max_seconds)
 
 
 # --- the loop -------------------------------------------------------------------------------------------------------
@@ -392,7 +310,7 @@ def tune(
     from attnc.codegen import render
     from attnc.runtime.check import parse_dtype
     from attnc.runtime.compiled import TARGET_DTYPES
-    from attnc.runtime.kernels import KERNEL_DTYPES, Kernel
+    from attnc.runtime.kernels import KERNEL_DTYPES
     from attnc.schedules.heuristics import default_config
     from attnc.schedules.space import space
 
@@ -428,18 +346,19 @@ def tune(
             raise InputError(f"tune's `max_candidates` must be at least 1; got {max_candidates!r}")
         ordered = ordered[:max_candidates]
     workers = default_workers() if workers is None else workers
-    workers = min(workers, len(ordered))
 
-    bench = _Bench(op, dtype, batch, q_len, kv_len, inputs, device,
-                   warmup=(3 if cuda else 1) if warmup is None else warmup, reps=(20 if cuda else 5) if reps is None else reps)
+    warmup = (3 if cuda else 1) if warmup is None else warmup
+    reps = (20 if cuda else 5) if reps is None else reps
+    harness = Harness(op, dtype, batch, q_len, kv_len, inputs, device, warmup=warmup, reps=reps)
     captured = {n: t.to(device) for n, t in op.spec.captured_tensors().items()}
-    elements = timing.unmasked_elements(ir, batch, q_len, kv_len, {**captured, **bench._given(q_len, kv_len)})
+    elements = timing.unmasked_elements(ir, batch, q_len, kv_len, {**captured, **harness.given(q_len, kv_len)})
     flops = timing.attention_flops(ir, elements)
 
     deadline = started + budget_s
     outcome: dict[int, Candidate] = {}
     timed: dict[int, float] = {}
-    stop_at = lambda: deadline if timed else max(deadline, started + 2 * budget_s)  # noqa: E731
+    loaded: list[tuple[int, float]] = []  # built, waiting to be checked and timed (CPU target)
+    stop_at = lambda: deadline if (timed or loaded) else math.inf  # noqa: E731 - see the budget rule above
     bar_file = None if progress is True or progress is False else progress
     bar = tqdm(total=len(ordered), desc=f"tune {ir.name} {dtype_name} b{batch} q{q_len} kv{kv_len}", unit="cfg",
                disable=progress is False, file=bar_file, leave=True, dynamic_ncols=True)
@@ -456,45 +375,48 @@ def tune(
         outcome[index] = Candidate(ordered[index], status, build_s=build_s, error=error)
         log.warning("tune %s: candidate %s skipped (%s): %s", key.short(), ordered[index].short(), status, error)
 
-    def measure(index: int, kernel, build_s: float) -> None:
+    def measure(index: int, build_s: float) -> None:
         config = ordered[index]
-        try:
-            if kernel is None:
-                kernel = Kernel.render(family, ir, config, dtype_name, target).build()
+        try:  # the op's kernel cache: loaded once per op, shared with dispatch and later buckets
+            kernel = op.kernel(dtype, config).build()
         except Exception as error:  # noqa: BLE001
             return skip(index, "build_failed", _one_line(error), build_s)
+        _BUILT.add((ir.key, family, dtype_name, target, config))
         try:
-            wrong = bench.verify(kernel)
+            wrong = harness.verify(kernel)
         except Exception as error:  # noqa: BLE001
             return skip(index, "run_failed", _one_line(error), build_s)
         if wrong is not None:
             return skip(index, "wrong", wrong, build_s)
         try:
-            cap = max(0.5, min(budget_s / 10, stop_at() - time.monotonic()))
-            result = bench.time(kernel, max_seconds=cap)
+            cap = max(0.5, min(budget_s / 10, deadline - time.monotonic()))
+            result = harness.time(kernel, max_seconds=cap)
         except Exception as error:  # noqa: BLE001
             return skip(index, "run_failed", _one_line(error), build_s)
         timed[index] = result.median_ms
         outcome[index] = Candidate(config, "timed", ms=result.median_ms, build_s=build_s)
         log.info("tune %s: %s %s", key.short(), config.short(), result)
 
-    loaded: list[tuple[int, object, float]] = []
     try:
-        for index, error, build_s, kernel in _builds(dict(enumerate(ordered)), family, ir, dtype_name, target,
-                                                     workers, stop_at):
-            if error is not None:
-                skip(index, "build_failed", error, build_s)
-            else:
-                built += 1
-                if cuda:  # the GPU times while the workers build on the CPU
-                    measure(index, kernel, build_s)
+        built_before = [i for i, c in enumerate(ordered) if (ir.key, family, dtype_name, target, c) in _BUILT]
+        jobs = {i: c for i, c in enumerate(ordered) if i not in built_before}
+        builds = _builds(jobs, built_before, family, ir, dtype_name, target, min(workers, len(jobs)), stop_at,
+                         lambda config: op.kernel(dtype, config).build())
+        with contextlib.closing(builds):  # closing ends the worker processes, on an error too
+            for index, error, build_s in builds:
+                if error is not None:
+                    skip(index, "build_failed", error, build_s)
                 else:
-                    loaded.append((index, kernel, build_s))
-            show()
-        for index, kernel, build_s in loaded:
-            if time.monotonic() >= stop_at():
+                    built += 1
+                    if cuda:  # the GPU times while the workers build on the CPU
+                        measure(index, build_s)
+                    else:
+                        loaded.append((index, build_s))
+                show()
+        for index, build_s in loaded:
+            if timed and time.monotonic() >= deadline:
                 break
-            measure(index, kernel, build_s)
+            measure(index, build_s)
             show()
     finally:
         for index, config in enumerate(ordered):
@@ -508,9 +430,9 @@ def tune(
         raise TuneError(f"tuning {key.short()} found no usable candidate among {len(ordered)}: {reasons}")
     best = min(timed, key=timed.get)
     best_ms = timed[best]
-    result = TuneResult(key=key, best=ordered[best], ms=best_ms, tflops=timing.tflops(flops, best_ms),
-                        default=default, default_ms=timed.get(0), candidates=candidates,
-                        seconds=time.monotonic() - started)
+    result = TuneResult(key=key, batch=batch, q_len=q_len, kv_len=kv_len, best=ordered[best], ms=best_ms,
+                        tflops=timing.tflops(flops, best_ms), default=default, default_ms=timed.get(0),
+                        candidates=candidates, seconds=time.monotonic() - started)
     if record:
         db, owned = _open_database(database)
         try:
@@ -521,6 +443,13 @@ def tune(
         result = dataclasses.replace(result, recorded=recorded)
     log.info("tune %s", result.summary())
     return result
+
+
+def tune_command(argv: list[str] | None = None) -> int:
+    """``attnc tune ...`` with ``argv`` (default ``sys.argv[1:]``); the exit status. See `attnc.schedules.tune_cli`."""
+    from attnc.schedules.tune_cli import tune_command as command
+
+    return command(argv)
 
 
 # --- dispatch: what CompiledAttention asks ---------------------------------------------------------------------------
