@@ -11,7 +11,6 @@ import torch
 import attnc
 from attnc.cli import load_spec
 from attnc.codegen.build import Target
-from attnc.errors import SpecError
 from attnc.runtime.check import FP32_TOLERANCE, check_op, max_abs_error
 from attnc.runtime.support import check_supported
 
@@ -78,30 +77,28 @@ def _load_flex_mods():
 
 flex = _load_flex_mods()
 FLEX_LENGTHS = [(128, 128), (37, 100), (100, 37)]
-# Mods from FlexAttention's documentation that attnc's tracer does not take yet: the reason, and the SpecError.
-NOT_YET = {
-    "prefix_lm_causal": "torch's or_masks helper starts from b.new_zeros((), dtype=torch.bool): the tracer's proxies "
-                        "lack new_zeros",
-    "bias_mod": "bias[q_idx][kv_idx] indexes a captured 2-D tensor one dimension at a time: the tracer asks for "
-                "bias[q_idx, kv_idx]",
-}
 FLEX_MODS = [(name, "mask") for name in flex.MASK_MODS] + [(name, "score") for name in flex.SCORE_MODS]
 
 
+def _vmap_bhqkv(fn, prefix=()):
+    """``fn`` over index tensors (b, h, q_idx, kv_idx) of shapes (B,), (H,), (Q,), (KV,), called on 0-d index
+    tensors element by element, as FlexAttention evaluates mods (``bias[q_idx][kv_idx]`` works there and here)."""
+    for dims in ((None, None, None, 0), (None, None, 0, None), (None, 0, None, None), (0, None, None, None)):
+        fn = torch.vmap(fn, in_dims=prefix + dims, out_dims=0)
+    return fn
+
+
 def dense_flex_attention(q, k, v, score_mod=None, mask_mod=None):
-    """Attention in float64 that calls the FlexAttention-style mods on broadcast index tensors (bshd layout)."""
+    """Attention in float64 that calls the FlexAttention-style mods on every (b, h, q_idx, kv_idx) (bshd layout)."""
     q, k, v = (t.transpose(1, 2).to(torch.float64) for t in (q, k, v))
     batch, heads, q_len, dim = q.shape
     kv_len = k.shape[2]
-    b = torch.arange(batch).view(-1, 1, 1, 1)
-    h = torch.arange(heads).view(1, -1, 1, 1)
-    q_idx = torch.arange(q_len).view(1, 1, -1, 1)
-    kv_idx = torch.arange(kv_len).view(1, 1, 1, -1)
+    index = (torch.arange(batch), torch.arange(heads), torch.arange(q_len), torch.arange(kv_len))
     scores = q @ k.transpose(-1, -2) / dim ** 0.5
     if score_mod is not None:
-        scores = score_mod(scores, b, h, q_idx, kv_idx).to(torch.float64)
+        scores = _vmap_bhqkv(score_mod, prefix=(0,))(scores, *index).to(torch.float64)
     if mask_mod is not None:
-        keep = mask_mod(b, h, q_idx, kv_idx).expand_as(scores)
+        keep = _vmap_bhqkv(mask_mod)(*index).expand_as(scores)
         scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     probs = torch.where(torch.isfinite(lse), torch.exp(scores - lse), torch.zeros_like(scores))
@@ -123,9 +120,7 @@ def flex_ops():
 
 
 @pytest.mark.parametrize("q_len, kv_len", FLEX_LENGTHS)
-@pytest.mark.parametrize("name, kind", [
-    pytest.param(name, kind, marks=pytest.mark.xfail(raises=SpecError, reason=NOT_YET[name], strict=False))
-    if name in NOT_YET else (name, kind) for name, kind in FLEX_MODS])
+@pytest.mark.parametrize("name, kind", FLEX_MODS)
 def test_flex_attention_mod_works_unchanged(flex_ops, name, kind, q_len, kv_len):
     op = flex_ops(name, kind)
     q = torch.randn(2, q_len, flex.HEADS, 64)
