@@ -9,6 +9,7 @@ keeps a kernel from reading inputs the previous run left in L2; `buffer_count` s
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -156,8 +157,8 @@ def unmasked_elements(
         weights = torch.ones(q_len, dtype=torch.float64, device=device)
     else:
         edges = [round(i * q_len / SAMPLE_ROWS) for i in range(SAMPLE_ROWS + 1)]
-        rows = torch.tensor([(a + b - 1) // 2 for a, b in zip(edges, edges[1:])], device=device)
-        weights = torch.tensor([b - a for a, b in zip(edges, edges[1:])], dtype=torch.float64, device=device)
+        rows = torch.tensor([(a + b - 1) // 2 for a, b in itertools.pairwise(edges)], device=device)
+        weights = torch.tensor([b - a for a, b in itertools.pairwise(edges)], dtype=torch.float64, device=device)
     base = {
         symbols.b: torch.arange(batch, device=device).view(-1, 1, 1, 1),
         symbols.h: torch.arange(heads, device=device).view(1, -1, 1, 1),
@@ -177,7 +178,7 @@ def unmasked_elements(
         per_row = keep.to(torch.float64).sum(dim=-1)  # (batch or 1, heads or 1, rows)
         per_row = per_row * (batch * heads / (per_row.shape[0] * per_row.shape[1]))
         total += float((per_row.sum(dim=(0, 1)) * weights[start:start + chunk]).sum())
-    return int(round(total))
+    return round(total)
 
 
 def attention_flops(ir: AttentionIR, elements: int, *, backward: bool = False) -> float:

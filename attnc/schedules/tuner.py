@@ -193,7 +193,7 @@ def _builds(jobs: dict[int, KernelConfig], ready: Sequence[int], family, ir, dty
         for index, config in list(pending.items()):
             if time.monotonic() >= stop_at():
                 return
-            yield (index, *_timed_build(lambda: build_here(config)))
+            yield (index, *_timed_build(lambda config=config: build_here(config)))
         return
     from attnc.codegen.cache import cache_dir
 
@@ -358,7 +358,7 @@ def tune(
     outcome: dict[int, Candidate] = {}
     timed: dict[int, float] = {}
     loaded: list[tuple[int, float]] = []  # built, waiting to be checked and timed (CPU target)
-    stop_at = lambda: deadline if (timed or loaded) else math.inf  # noqa: E731 - see the budget rule above
+    stop_at = lambda: deadline if (timed or loaded) else math.inf  # see the budget rule in the module docstring
     bar_file = None if progress is True or progress is False else progress
     bar = tqdm(total=len(ordered), desc=f"tune {ir.name} {dtype_name} b{batch} q{q_len} kv{kv_len}", unit="cfg",
                disable=progress is False, file=bar_file, leave=True, dynamic_ncols=True)
