@@ -1,4 +1,4 @@
-"""The ``attnc`` command: ``show``, ``run`` and ``demo`` over SPEC.py files.
+"""The ``attnc`` command: ``show``, ``run``, ``demo`` and ``tune`` (`attnc.schedules.tune_cli`) over SPEC.py files.
 
 A SPEC.py is a Python file that defines ``spec``, an `attnc.Attention`. It may also define
 ``inputs(q_len, kv_len) -> dict[str, torch.Tensor]``: extra tensors the mods read, made for those lengths (a
@@ -314,6 +314,12 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--specs", type=Path, default=None, help="a directory of SPEC.py files (default: the "
                                                                  "bundled examples/specs)")
     demo.set_defaults(handler=cmd_demo)
+
+    from attnc.schedules import tune_cli
+
+    tune = commands.add_parser("tune", help="tune a spec's schedule for some lengths; move tuned configs around",
+                               description=tune_cli.__doc__.split("\n\n")[0].replace("``", ""))
+    tune_cli.add_arguments(tune)  # its handler: tune_cli.run
     return top
 
 

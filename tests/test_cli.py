@@ -136,6 +136,31 @@ def test_demo_reports_a_broken_spec_and_goes_on(tmp_path, capsys):
     assert f"{len(cli.DEMO_LENGTHS)} checks passed, 1 failed, 2 specs" in out
 
 
+# --- tune (attnc.schedules.tune_cli, hosted here) ---------------------------------------------------------------
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("show", "run", "demo", "tune"):
+        assert f"    {command} " in out
+
+
+def test_tune_runs_through_the_cli(tmp_path, capsys):
+    database = tmp_path / "tuning.sqlite"  # not the cache's database: later tests must not dispatch to its entry
+    argv = ["tune", CAUSAL, "--target", "cpu", "--lengths", "40", "--batch", "1", "--max-candidates", "1",
+            "--workers", "0", "--database", str(database), "--quiet"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "tuning cpu_fwd on cpu" in out and database.is_file()
+    assert any(line.split()[:2] == ["40", "40"] for line in out.splitlines())  # the result row of q_len = kv_len = 40
+
+
+def test_tune_without_work_is_a_clear_error(capsys):
+    assert "needs a SPEC.py" in error_of(capsys, ["tune"])
+
+
 # --- errors ----------------------------------------------------------------------------------------------------
 
 def test_missing_file_is_a_clear_error(capsys):
