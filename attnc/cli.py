@@ -1,4 +1,5 @@
-"""The ``attnc`` command: ``show``, ``run``, ``demo`` and ``tune`` (`attnc.schedules.tune_cli`) over SPEC.py files.
+"""The ``attnc`` command: ``show``, ``run``, ``demo`` over SPEC.py files; ``tune`` (`attnc.schedules.tune_cli`) and
+``bench`` (`attnc.bench.run`) are hosted here.
 
 A SPEC.py is a Python file that defines ``spec``, an `attnc.Attention`. It may also define
 ``inputs(q_len, kv_len) -> dict[str, torch.Tensor]``: extra tensors the mods read, made for those lengths (a
@@ -320,11 +321,19 @@ def parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("tune", help="tune a spec's schedule for some lengths; move tuned configs around",
                                description=tune_cli.__doc__.split("\n\n")[0].replace("``", ""))
     tune_cli.add_arguments(tune)  # its handler: tune_cli.run
+
+    # `attnc bench ...` hands its arguments to attnc.bench.run.main (see `main`); listed here for --help.
+    commands.add_parser("bench", add_help=False, help="attnc against its peers on one GPU (attnc bench --help)")
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``attnc`` command line; the exit status (0 ok, 1 a check failed, 2 an error)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # a command with its own parser
+        from attnc.bench.run import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser().parse_args(argv)
     try:
         return args.handler(args)

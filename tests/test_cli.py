@@ -143,7 +143,7 @@ def test_help_lists_the_commands(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("show", "run", "demo", "tune"):
+    for command in ("show", "run", "demo", "tune", "bench"):
         assert f"    {command} " in out
 
 
@@ -155,6 +155,14 @@ def test_tune_runs_through_the_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tuning cpu_fwd on cpu" in out and database.is_file()
     assert any(line.split()[:2] == ["40", "40"] for line in out.splitlines())  # the result row of q_len = kv_len = 40
+
+
+def test_bench_is_handed_its_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--help"])
+    assert exit_info.value.code == 0 and "usage: attnc bench" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "--quick"]) == 2
 
 
 def test_tune_without_work_is_a_clear_error(capsys):
