@@ -37,18 +37,22 @@ from attnc.schedules.config import KernelConfig
 DQ_MODES = ("atomic", "separate")
 
 
-def backward_config(ir: AttentionIR, target: build.Target) -> KernelConfig:
-    """The backward's schedule: ``block_m`` q rows, ``block_n`` kv rows per tile.
+def backward_config(ir: AttentionIR, target: build.Target, stage: str = "main") -> KernelConfig:
+    """The schedule of one backward stage: ``block_m`` q rows, ``block_n`` kv rows per tile.
 
-    cuda: kv tiles of 128 rows for head dims up to 128 (64 above, to fit dK, dV and dQ accumulators in registers),
-    q tiles of 64, 256 threads (two consumer warpgroups). sm_80 pipelines with one stage: tilelang 0.1.15 cannot
-    lower a multi-stage pipeline with a run-time trip count around a gemm there.
+    cuda ``main`` (and ``pre``, ``post``): kv tiles of 128 rows for head dims up to 128 (64 above, to fit the dK and
+    dV accumulators in registers), q tiles of 64, 256 threads (two consumer warpgroups over the 128 kv rows).
+    cuda ``dq``: q tiles of 128 rows (the warps split the q rows), kv tiles of 64 (32 above head dim 128).
+    sm_80 pipelines with one stage: tilelang 0.1.15 cannot lower a multi-stage pipeline with a run-time trip count
+    around a gemm there ("Downcast from tirx.Sub to ir.IntImm failed").
     """
     if target.kind == "cpu":
         return KernelConfig(block_m=16, block_n=32, stages=1, threads=1)
-    block_n = 128 if max(ir.qk_dim, ir.v_dim) <= 128 else 64
+    wide = max(ir.qk_dim, ir.v_dim) > 128
     stages = 2 if target.arch == "sm_90a" else 1
-    return KernelConfig(block_m=64, block_n=block_n, stages=stages, threads=256)
+    if stage == "dq":
+        return KernelConfig(block_m=128, block_n=32 if wide else 64, stages=stages, threads=256)
+    return KernelConfig(block_m=64, block_n=64 if wide else 128, stages=stages, threads=256)
 
 
 @dataclass
@@ -98,14 +102,19 @@ class Backward:
             return ("main",)
         return ("pre", "main", "post") if self.dq_mode == "atomic" else ("pre", "main", "dq")
 
+    def config_of(self, stage: str) -> KernelConfig:
+        """``config`` for every stage but the cuda dQ pass, which tiles by q rows."""
+        return backward_config(self.ir, self.target, "dq") if stage == "dq" else self.config
+
     def stage(self, name: str) -> StageKernel:
         """The kernel of stage ``name``, rendered on first request."""
         if name not in self.stages:
             family, ir = self.family, self.ir
+            config = self.config_of(name)
             key = derive_key(f"{family}_{name}_{self.dtype}_d{ir.qk_dim}_{self.target.label}", {
                 "ir": ir.canonical(),
                 "template": render.template_hash(family),
-                "config": self.config.to_json(),
+                "config": config.to_json(),
                 "target": [self.target.kind, self.target.arch],
                 "stage": name,
                 "dq_mode": self.dq_mode,
@@ -113,7 +122,7 @@ class Backward:
                 "attnc": attnc_version(),
                 "tilelang": build.tilelang_version(),
             })
-            ctx = make_bwd_context(family, f"attnc_{family}_{name}", ir, self.config, self.dtype, name,
+            ctx = make_bwd_context(family, f"attnc_{family}_{name}", ir, config, self.dtype, name,
                                    self.dq_mode, self.grads)
             self.stages[name] = StageKernel(key, render.render(ctx), self.target)
         return self.stages[name]
