@@ -195,13 +195,15 @@ def cmd_show(args) -> int:
     target = _target(args.target, args.arch)
     dtype = _dtype(args.dtype, target)
     op = attnc.compile(loaded.spec, target=target)
-    kernel = op.kernel(dtype)
     q_len = args.q_len
     kv_len = args.kv_len or q_len
+    config, source = op.config_for(dtype, args.batch, q_len, kv_len)  # what a call of these sizes runs
+    kernel = op.kernel(dtype, config)
     _print(f"== spec ({loaded.path}) ==")
     _print(loaded.spec.ir.describe())
     _print(f"\n== kernel ==\n{kernel.key}\n  family {kernel.family}, target {target.label}, dtype {dtype_label(dtype)}, "
-           f"config {kernel.config.short()} ({kernel.config})\n  source file {kernel.source_path}")
+           f"config {kernel.config.short()} ({source}, for batch {args.batch}, q_len {q_len}, kv_len {kv_len})\n"
+           f"  {kernel.config}\n  source file {kernel.source_path}")
     _print(f"\n== tile map ==\n{kernel.tilemap}")
     _print(f"  q_len {q_len}, kv_len {kv_len} (█ full, ░ partial, · skipped):")
     for row in kernel.tilemap.grid(q_len, kv_len):
@@ -231,6 +233,7 @@ def cmd_run(args) -> int:
     _print(loaded.spec.ir.describe())
     _print(table_header())
     _print(table_row(loaded.label, result))
+    _print(f"kernel config {result.config} ({result.config_source})")
     if not result.passed:
         _print(f"FAILED: replay with --seed {result.seed}")
         return 1
@@ -288,8 +291,10 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--arch", choices=("sm_90a", "sm_80"), default=None,
                       help="cuda architecture (default: the GPU's, else sm_90a); implies --target cuda")
     show.add_argument("--dtype", default=None, help="kernel dtype (default: float32 on cpu, bfloat16 on cuda)")
-    show.add_argument("--q-len", type=_positive, default=128, help="q_len of the tile grid printed (default 128)")
-    show.add_argument("--kv-len", type=_positive, default=None, help="kv_len of the tile grid (default: q_len)")
+    show.add_argument("--batch", type=_positive, default=2, help="batch of the call shown (default 2)")
+    show.add_argument("--q-len", type=_positive, default=128,
+                      help="q_len of the call shown and of the tile grid printed (default 128)")
+    show.add_argument("--kv-len", type=_positive, default=None, help="kv_len (default: q_len)")
     show.set_defaults(handler=cmd_show)
 
     run = commands.add_parser("run", help="build a spec, run it on random inputs, compare with the reference",

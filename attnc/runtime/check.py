@@ -106,6 +106,8 @@ class CheckResult:
     seed: int
     build_s: float  # building (or loading from the cache) the kernel; 0 when the op had it already
     run_s: float  # one call of the op, after a first (checked) call
+    config: str = ""  # the kernel config the call ran (`KernelConfig.short`)
+    config_source: str = ""  # where it came from: 'heuristic', 'database', 'tuned' or 'explicit'
 
     @property
     def passed(self) -> bool:
@@ -148,13 +150,15 @@ def check_op(op, *, batch: int = 2, q_len: int = 128, kv_len: int | None = None,
     generator = torch.Generator().manual_seed(seed)
     ir = op.ir
 
-    start = time.perf_counter()
-    op.build(dtype)
+    given = {key: t.to(device) for key, t in (inputs or {}).items()}
+    extras = {**{key: t.to(device) for key, t in op.spec.captured_tensors().items()}, **given}
+    start = time.perf_counter()  # the kernel a call of these sizes runs (tuned per shape bucket, or the default)
+    config, config_source = op.config_for(dtype, batch, q_len, kv_len, extras)
+    op.kernel(dtype, config).build()
     build_s = time.perf_counter() - start
 
     q, k, v = random_qkv(ir, batch, q_len, kv_len, dtype, device, generator)
     sinks = random_sinks(ir, device, generator)
-    given = {key: t.to(device) for key, t in (inputs or {}).items()}
 
     out, lse = op(q, k, v, sinks=sinks, return_lse=True, **given)
     _sync(device)
@@ -163,8 +167,6 @@ def check_op(op, *, batch: int = 2, q_len: int = 128, kv_len: int | None = None,
     _sync(device)
     run_s = time.perf_counter() - start
 
-    extras = {**op.spec.captured_tensors(), **given}
-    extras = {key: t.to(device) for key, t in extras.items()}
     ref_out, ref_lse = attention_reference(ir, q, k, v, extras, sinks, dtype=torch.float64)
     if dtype == torch.float32:
         tol = lse_tol = tolerance(dtype)
@@ -177,4 +179,5 @@ def check_op(op, *, batch: int = 2, q_len: int = 128, kv_len: int | None = None,
         name=name or op.spec.name, target=op.target.label, dtype=dtype_label(dtype), batch=batch, q_len=q_len,
         kv_len=kv_len, max_error=max_abs_error(out, ref_out), tolerance=tol, lse_error=lse_error,
         lse_tolerance=lse_tol, lse_inf_match=inf_match, seed=seed, build_s=build_s, run_s=run_s,
+        config=config.short(), config_source=config_source,
     )
