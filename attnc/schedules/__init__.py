@@ -2,4 +2,13 @@
 
 from attnc.schedules.config import KernelConfig
 
-__all__ = ["KernelConfig"]
+__all__ = ["KernelConfig", "TuneError", "TuneResult", "tune"]
+
+
+def __getattr__(name: str):
+    # The tuner pulls in torch and the runtime's reference: loaded on first use, not with the package.
+    if name in ("TuneError", "TuneResult", "tune"):
+        from attnc.schedules import tuner
+
+        return getattr(tuner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
