@@ -79,11 +79,12 @@ def test_show_cuda_rejects_a_head_dim_it_cannot_serve(tmp_path, capsys):
 def test_run_prints_a_passing_table(capsys):
     assert cli.main(["run", CAUSAL, "--target", "cpu", "--batch", "1", "--q-len", "33", "--kv-len", "70"]) == 0
     out = capsys.readouterr().out
-    header, rule, row = out.splitlines()[-3:]
+    header, rule, row, config = out.splitlines()[-4:]
     for column in ("spec", "max err", "tol", "result", "build s", "run s"):
         assert column in header
     assert set(rule) == {"-"}
     assert row.split()[:4] == ["causal_mha", "cpu", "float32", "1x33x70"] and " pass " in row
+    assert config.startswith("kernel config m")
 
 
 def test_run_passes_the_spec_files_inputs(capsys):
