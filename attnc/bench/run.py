@@ -10,8 +10,17 @@ import torch
 
 from attnc.bench import report
 from attnc.bench.cases import Case, forward_cases
-from attnc.bench.measure import forward_flops, rotation_count, time_cuda, tflops, unmasked_elements
 from attnc.bench.peers import PEERS, NotApplicable
+from attnc.schedules.timing import attention_flops, buffer_count, measure, tflops, unmasked_elements
+
+
+def _timed(fn, sets: int, repeats: int):
+    """Median timing of ``fn(i)`` over rotating input sets, and the peak memory the runs added (MiB)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    timing = measure(fn, [(i,) for i in range(sets)], device="cuda", warmup=5, reps=repeats)
+    return timing, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _inputs(case: Case, dtype: torch.dtype, device, sets: int):
@@ -28,13 +37,13 @@ def run_forward(cases: list[Case], peers: list[str], dtype: torch.dtype = torch.
     results = []
     for case in cases:
         torch.manual_seed(0)
-        probe = _inputs(case, dtype, device, 1)
-        sets = rotation_count([t[0] for t in probe])
+        per_set = case.batch * case.seq * case.dim * (case.q_heads + 2 * case.kv_heads) * dtype.itemsize
+        sets = buffer_count(per_set, device)
         qs, ks, vs = _inputs(case, dtype, device, sets)
-        del probe
         spec = case.spec(device)
-        elements = unmasked_elements(spec.ir, case.batch, case.seq, case.seq, spec.captured_tensors(), device)
-        flops = forward_flops(spec.ir, elements)
+        elements = unmasked_elements(spec.ir, case.batch, case.seq, case.seq, spec.captured_tensors(),
+                                     sample_rows=None)
+        flops = attention_flops(spec.ir, elements)
         outputs = {}
         for peer in peers:
             row = {"case": case.name, "peer": peer, "batch": case.batch, "q_heads": case.q_heads,
@@ -43,8 +52,8 @@ def run_forward(cases: list[Case], peers: list[str], dtype: torch.dtype = torch.
             try:
                 setup_ms, fn = PEERS[peer](case, qs, ks, vs)
                 outputs[peer] = fn(0).float()
-                timing = time_cuda(fn, rotations=sets, repeats=repeats)
-                row.update(ms=timing.median_ms, min_ms=timing.min_ms, peak_mib=timing.peak_mib, setup_ms=setup_ms,
+                timing, peak_mib = _timed(fn, sets, repeats)
+                row.update(ms=timing.median_ms, min_ms=timing.min_ms, peak_mib=peak_mib, setup_ms=setup_ms,
                            tflops=tflops(flops, timing.median_ms))
                 if peer == "attnc":
                     row["config"] = fn.op.kernel(dtype).config.short()

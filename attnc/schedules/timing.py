@@ -136,6 +136,7 @@ def unmasked_elements(
     q_len: int,
     kv_len: int,
     inputs: Mapping[str, torch.Tensor] | None = None,
+    sample_rows: int | None = SAMPLE_ROWS,
 ) -> int:
     """The number of (batch, q head, query, key) score elements the mask keeps.
 
@@ -143,7 +144,8 @@ def unmasked_elements(
     evaluates it) on every query row when ``q_len <= SAMPLE_ROWS``, which is exact, and otherwise on the middle row of
     each of ``SAMPLE_ROWS`` equal strata of rows, each standing for its stratum: exact for masks whose kept count is
     linear in the row within a stratum (causal, windows, prefixes), within a fraction of a percent for the others.
-    Work is O(SAMPLE_ROWS · kv_len), never O(q_len · kv_len). ``inputs``: the tensors the mask reads.
+    Work is O(SAMPLE_ROWS · kv_len), never O(q_len · kv_len). ``inputs``: the tensors the mask reads;
+    ``sample_rows=None`` evaluates every row (exact, O(q_len · kv_len) work in chunks: what benchmarks report).
     """
     heads = ir.q_heads
     if not ir.has_mask or batch == 0 or q_len == 0 or kv_len == 0:
@@ -152,11 +154,11 @@ def unmasked_elements(
 
     tensors = dict(inputs or {})
     device = next((t.device for t in tensors.values()), torch.device("cpu"))
-    if q_len <= SAMPLE_ROWS:
+    if sample_rows is None or q_len <= sample_rows:
         rows = torch.arange(q_len, device=device)
         weights = torch.ones(q_len, dtype=torch.float64, device=device)
     else:
-        edges = [round(i * q_len / SAMPLE_ROWS) for i in range(SAMPLE_ROWS + 1)]
+        edges = [round(i * q_len / sample_rows) for i in range(sample_rows + 1)]
         rows = torch.tensor([(a + b - 1) // 2 for a, b in itertools.pairwise(edges)], device=device)
         weights = torch.tensor([b - a for a, b in itertools.pairwise(edges)], dtype=torch.float64, device=device)
     base = {
