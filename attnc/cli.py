@@ -16,6 +16,7 @@ import argparse
 import importlib.util
 import itertools
 import os
+import random
 import sys
 import time
 import traceback
@@ -217,6 +218,8 @@ def cmd_show(args) -> int:
 def _run_one(loaded: SpecFile, op, batch: int, q_len: int, kv_len: int, dtype, seed: int | None):
     from attnc.runtime.check import check_op
 
+    if seed is None:  # one seed for the spec file's inputs and the op's, so `--seed` replays both
+        seed = random.SystemRandom().randrange(2**31)
     return check_op(op, batch=batch, q_len=q_len, kv_len=kv_len, dtype=dtype,
                     inputs=loaded.inputs(q_len, kv_len, seed), seed=seed, name=loaded.label)
 
