@@ -117,7 +117,7 @@ class Backward:
                 "config": config.to_json(),
                 "target": [self.target.kind, self.target.arch],
                 "stage": name,
-                "dq_mode": self.dq_mode,
+                "dq_mode": self.dq_mode if self.target.kind == "cuda" else "serial",  # cpu: one serial kernel
                 "grads": list(self.grads),
                 "attnc": attnc_version(),
                 "tilelang": build.tilelang_version(),
@@ -207,7 +207,10 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     ir = op.ir
     names = [t.name for t in ir.inputs]
     differentiable = _differentiable_inputs(ir)
-    grads = tuple(names[i] for i in wanted if i < len(names) and names[i] in differentiable)
+    if op.target.kind == "cpu":  # computing every gradient costs little there, and keeps one kernel per spec
+        grads = tuple(n for n in names if n in differentiable)
+    else:  # cuda: only the gradients asked for, each costs atomics
+        grads = tuple(names[i] for i in wanted if i < len(names) and names[i] in differentiable)
     dq, dk, dv, dinputs, dsinks = backward_for(op, q.dtype, grads).run(
         q, k, v, list(extras), out, lse, dout.contiguous(), dlse)
     result = []

@@ -1,0 +1,305 @@
+"""Training: gradients of the compiled op against the float64 reference's autograd.
+
+Rule for the fp32 CPU kernels: for every gradient g (of q, k, v, sinks, captured or declared float tensors),
+``max |g - g_ref| <= 1e-4 * max(1, max |g_ref|)``, g_ref from autograd through `attention_reference` in float64 on
+the same inputs (the fp32 rule of DESIGN.md, scaled by the gradient's magnitude: a gradient summed over 129 rows
+is larger than an output). The loss uses the output and, where finite, the log-sum-exp, with random weights, so
+the lse's gradient path is checked too. bf16/fp16 on cuda (marker `gpu`): DESIGN.md's rule, twice torch's own
+same-precision error plus 1e-5.
+
+CUDA kernels are also built, not run, for sm_90a and sm_80 here.
+"""
+
+import math
+
+import pytest
+import torch
+
+import attnc
+import attnc.mods as mods
+from attnc.codegen.build import Target
+from attnc.errors import UnsupportedError
+from attnc.runtime.autograd import Backward, backward_config, backward_for
+from attnc.runtime.reference import attention_reference
+
+TOL = 1e-4
+DOC = torch.tensor([0] * 40 + [1] * 50 + [2] * 39)
+SLOPES = mods.alibi_slopes(4)
+TABLE = torch.randn(4, 257) * 0.5
+
+
+def fully_masked_every_third_row(b, h, q_idx, kv_idx):
+    return (q_idx % 3 != 0) & (kv_idx <= q_idx)
+
+
+def learned_bias_mod(score, b, h, q_idx, kv_idx):
+    return score + torch.where(kv_idx <= q_idx, BIAS[h, kv_idx], BIAS[h, kv_idx] * 0.5)
+
+
+BIAS = attnc.Input("bias", (4, 129))
+
+SPECS = {  # name: factory(qk_dim, v_dim), and the head dims of the CPU tests
+    "causal_gqa": (lambda d, e: attnc.Attention(4, 2, qk_dim=d, v_dim=e, mask_mod=mods.causal()), (16, 16)),
+    "softcap_sliding_mqa": (lambda d, e: attnc.Attention(4, 1, qk_dim=d, v_dim=e, layout="bhsd",
+                                                         score_mod=mods.softcap(5.0),
+                                                         mask_mod=mods.sliding_window(20)), (16, 8)),
+    "document_causal": (lambda d, e: attnc.Attention(2, qk_dim=d, v_dim=e, mask_mod=mods.document(DOC) & mods.causal()),
+                        (16, 16)),
+    "alibi_prefix_sinks": (lambda d, e: attnc.Attention(4, qk_dim=d, v_dim=e, score_mod=mods.alibi(SLOPES),
+                                                        mask_mod=mods.prefix_lm(16), sinks=True), (16, 8)),
+    "relbias_chunked_gqa": (lambda d, e: attnc.Attention(4, 2, qk_dim=d, v_dim=e, score_mod=mods.relative_bias(TABLE),
+                                                         mask_mod=mods.chunked(32)), (16, 16)),
+    "input_bias_masked_rows": (lambda d, e: attnc.Attention(4, qk_dim=d, v_dim=e, score_mod=learned_bias_mod,
+                                                            mask_mod=fully_masked_every_third_row, inputs=[BIAS]),
+                               (16, 16)),
+}
+LENGTHS = [(1, 1), (17, 17), (129, 129), (17, 129), (129, 17)]
+CASES = [(name, ql, kl) for name in SPECS for ql, kl in LENGTHS
+         if not (name == "document_causal" and ql != kl) and not (name == "input_bias_masked_rows" and kl > 129)]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """Compiled ops, built on first use and shared by the module's tests."""
+    built = {}
+
+    def get(name, **options):
+        key = (name, tuple(sorted(options.items())))
+        if key not in built:
+            factory, dims = SPECS[name]
+            built[key] = attnc.compile(factory(*dims), target="cpu", **options)
+        return built[key]
+
+    return get
+
+
+def draw(ir, batch, q_len, kv_len, dtype=torch.float64, device="cpu"):
+    def one(seq, heads, dim):
+        shape = (batch, seq, heads, dim) if ir.layout == "bshd" else (batch, heads, seq, dim)
+        return torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    return one(q_len, ir.q_heads, ir.qk_dim), one(kv_len, ir.kv_heads, ir.qk_dim), one(kv_len, ir.kv_heads, ir.v_dim)
+
+
+def float_inputs(op):
+    """Random values for every float input of the spec (captured ones perturbed), integer ones as captured."""
+    values = {}
+    for t in op.ir.inputs:
+        captured = op.spec.captured_tensors().get(t.name)
+        if t.is_integer:
+            values[t.name] = captured
+        elif captured is not None:
+            values[t.name] = captured.double() + 0.1 * torch.randn(captured.shape, dtype=torch.float64)
+        else:
+            values[t.name] = torch.randn(t.shape, dtype=torch.float64)
+    return values
+
+
+def gradients(op, q, k, v, inputs, sinks, d_out, d_lse, dtype, reference=False):
+    """Gradients of <out, d_out> + <lse, d_lse> (finite lse only) with respect to q, k, v, float inputs, sinks."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    named = {n: (t.detach().to(dtype).requires_grad_() if t.is_floating_point() else t) for n, t in inputs.items()}
+    sink = sinks.detach().to(dtype).requires_grad_() if sinks is not None else None
+    if reference:
+        out, lse = attention_reference(op.ir, *leaves, named, sink, dtype=dtype)
+    else:
+        kw = {"sinks": sink} if sink is not None else {}
+        out, lse = op(*leaves, return_lse=True, **named, **kw)
+    finite = torch.isfinite(lse.detach())
+    loss = (out * d_out.to(out.dtype)).sum() + torch.where(finite, lse, 0).mul(d_lse.to(lse.dtype)).sum()
+    loss.backward()
+    floats = [t for t in named.values() if t.is_floating_point()]
+    grads = [t.grad for t in leaves + floats + ([sink] if sink is not None else [])]
+    labels = ["q", "k", "v"] + [n for n, t in named.items() if t.is_floating_point()] + (["sinks"] if sink is not None else [])
+    return dict(zip(labels, grads)), out.detach()
+
+
+def assert_close(got, want, rule):
+    for name, ref in want.items():
+        g = got[name]
+        assert g is not None, f"no gradient for `{name}`"
+        assert g.shape == ref.shape, name
+        assert not g.isnan().any(), f"NaN in the gradient of `{name}`"
+        err = (g.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+        assert err <= rule(name), f"`{name}`: max error {err:.3g} > {rule(name):.3g}"
+
+
+def check_cpu(op, q_len, kv_len, batch=2):
+    ir = op.ir
+    q, k, v = draw(ir, batch, q_len, kv_len)
+    inputs = float_inputs(op)
+    sinks = torch.randn(ir.q_heads, dtype=torch.float64) if ir.sinks else None
+    out_shape = (batch, q_len, ir.q_heads, ir.v_dim) if ir.layout == "bshd" else (batch, ir.q_heads, q_len, ir.v_dim)
+    d_out, d_lse = torch.randn(out_shape, dtype=torch.float64), torch.randn(batch, ir.q_heads, q_len, dtype=torch.float64)
+    want, _ = gradients(op, q, k, v, inputs, sinks, d_out, d_lse, torch.float64, reference=True)
+    got, _ = gradients(op, q, k, v, inputs, sinks, d_out, d_lse, torch.float32)
+    assert_close(got, want, lambda name: TOL * max(1.0, want[name].abs().max().item() if want[name].numel() else 0))
+    return got, want
+
+
+@pytest.mark.parametrize("name, q_len, kv_len", CASES)
+def test_gradients_match_the_reference(ops, name, q_len, kv_len):
+    check_cpu(ops(name), q_len, kv_len)
+
+
+def test_fully_masked_rows_get_zero_gradients_and_no_nan(ops):
+    op = ops("input_bias_masked_rows")
+    got, want = check_cpu(op, 17, 17)
+    assert (got["q"][:, ::3] == 0).all() and torch.isfinite(got["k"]).all() and torch.isfinite(got["bias"]).all()
+
+
+def test_learnable_captured_tensors_and_sinks_receive_gradients():
+    slopes = torch.nn.Parameter(mods.alibi_slopes(4))
+    table = torch.nn.Parameter(torch.randn(4, 65))
+    spec = attnc.Attention(4, 2, qk_dim=16, sinks=True, score_mod=lambda s, b, h, q, k: mods.alibi(slopes)(
+        mods.relative_bias(table)(s, b, h, q, k), b, h, q, k), mask_mod=mods.causal())
+    op = attnc.compile(spec, target="cpu")
+    sinks = torch.nn.Parameter(torch.randn(4))
+    q, k, v = (t.float().requires_grad_() for t in draw(spec.ir, 1, 20, 20))
+    op(q, k, v, sinks=sinks).square().sum().backward()
+    for p in (slopes, table, sinks, q, k, v):
+        assert p.grad is not None and p.grad.abs().sum() > 0 and torch.isfinite(p.grad).all()
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, slopes, table, sinks)]
+    out, _ = attention_reference(spec.ir, *ref_leaves[:3], {"slopes": ref_leaves[3], "table": ref_leaves[4]},
+                                 ref_leaves[5])
+    out.square().sum().backward()
+    for p, r in zip((q, k, v, slopes, table, sinks), ref_leaves):
+        assert (p.grad.double() - r.grad).abs().max() <= TOL * max(1.0, r.grad.abs().max().item())
+
+
+def test_integer_and_frozen_inputs_get_no_gradient(ops):
+    op = ops("document_causal")
+    doc = DOC.clone()
+    q, k, v = (t.float().requires_grad_() for t in draw(op.ir, 1, 129, 129))
+    op(q, k, v, doc_ids=doc).sum().backward()
+    assert doc.grad is None and q.grad is not None
+    op = ops("alibi_prefix_sinks")
+    frozen = SLOPES.clone()  # does not require grad: no gradient is computed for it
+    q, k, v = (t.float().requires_grad_() for t in draw(op.ir, 1, 9, 9))
+    op(q, k, v, slopes=frozen, sinks=torch.randn(4)).sum().backward()
+    assert frozen.grad is None and v.grad is not None
+
+
+def test_torch_compile_fullgraph_forward_and_backward(ops):
+    op = ops("alibi_prefix_sinks")
+
+    def loss(q, k, v, slopes, sinks):
+        out, lse = op(q, k, v, slopes=slopes, sinks=sinks, return_lse=True)
+        return out.square().sum() + lse.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    for length in (24, 40):
+        q, k, v = draw(op.ir, 2, length, length, torch.float32)
+        args = [t.requires_grad_() for t in (q, k, v, SLOPES.clone(), torch.randn(4))]
+        eager = [t.detach().clone().requires_grad_() for t in args]
+        compiled(*args).backward()
+        loss(*eager).backward()
+        for a, e in zip(args, eager):
+            torch.testing.assert_close(a.grad, e.grad, rtol=0, atol=1e-5)
+
+
+def test_deterministic_option_and_its_limits(ops):
+    op = ops("causal_gqa", deterministic=True)
+    assert op.deterministic and backward_for(op, torch.float32, ()).dq_mode == "separate"
+    q, k, v = draw(op.ir, 2, 33, 33, torch.float32)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        op(*leaves).sum().backward()
+        runs.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    cuda = attnc.compile(attnc.Attention(8, qk_dim=64, score_mod=mods.relative_bias(torch.randn(8, 255))),
+                         target=Target("cuda", "sm_90a"), deterministic=True)
+    assert backward_for(cuda, torch.bfloat16, ()).dq_mode == "separate"
+    with pytest.raises(UnsupportedError, match="deterministic=True cannot compute the gradients of `table`"):
+        backward_for(cuda, torch.bfloat16, ("table",))
+
+
+# CUDA: built (not run) here. One spec exercises every feature of the template: GQA, a causal mask (partial and
+# full tiles), ALiBi (a captured tensor read once per (b, h): reduced in the block, one atomic), a relative bias (a
+# read per element: atomics), sinks (the pre stage), both dQ modes.
+
+def cuda_backward(arch, dq_mode, dims=(64, 64), layout="bshd"):
+    spec = attnc.Attention(8, 2, qk_dim=dims[0], v_dim=dims[1], layout=layout, sinks=True, mask_mod=mods.causal(),
+                           score_mod=lambda s, b, h, q, k: mods.alibi(mods.alibi_slopes(8))(
+                               mods.relative_bias(torch.randn(8, 1023))(s, b, h, q, k), b, h, q, k))
+    target = Target("cuda", arch)
+    return Backward(spec.ir, target, "bfloat16", ("slopes", "table"), dq_mode, backward_config(spec.ir, target))
+
+
+def test_cuda_backward_builds_for_sm90a():
+    atomic = cuda_backward("sm_90a", "atomic")
+    main = atomic.stage("main").device_source()
+    assert "wgmma" in main and "AtomicAdd" in main  # dQ and the captured-tensor gradients
+    assert "Sinks" in atomic.stage("pre").device_source()
+    atomic.stage("post").build()
+    separate = cuda_backward("sm_90a", "separate", layout="bhsd")
+    dq = separate.stage("dq").device_source()
+    assert "wgmma" in dq and "AtomicAdd" not in dq and "dQacc" not in separate.stage("main").source
+
+
+def test_cuda_backward_builds_for_sm80():
+    main = cuda_backward("sm_80", "atomic").stage("main").device_source()
+    assert "wgmma" not in main and "AtomicAdd" in main
+    assert "AtomicAdd" not in cuda_backward("sm_80", "separate").stage("dq").device_source()
+
+
+# GPU (marker `gpu`): the same checks in bf16/fp16 by DESIGN.md's rule, head dims 64, 128, 256, 192/128, and
+# determinism.
+
+def check_cuda(op, q_len, kv_len, dtype, batch=2):
+    ir = op.ir
+    q, k, v = draw(ir, batch, q_len, kv_len, torch.float64)
+    inputs = float_inputs(op)
+    sinks = torch.randn(ir.q_heads, dtype=torch.float64) if ir.sinks else None
+    out_shape = (batch, q_len, ir.q_heads, ir.v_dim) if ir.layout == "bshd" else (batch, ir.q_heads, q_len, ir.v_dim)
+    d_out, d_lse = torch.randn(out_shape, dtype=torch.float64), torch.randn(batch, ir.q_heads, q_len, dtype=torch.float64)
+    low = [t.to(dtype).double() for t in (q, k, v)]  # the values the kernel sees
+    want, _ = gradients(op, *low, inputs, sinks, d_out, d_lse, torch.float64, reference=True)
+    torch_low, _ = gradients(op, *low, inputs, sinks, d_out, d_lse, dtype, reference=True)
+    cuda = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    got, _ = gradients(op, *(cuda(t.to(dtype)) for t in low), {n: cuda(t) for n, t in inputs.items()},
+                       cuda(sinks), cuda(d_out), cuda(d_lse), dtype)
+    got = {n: g.cpu() for n, g in got.items()}
+
+    def rule(name):
+        return 2 * (torch_low[name].double() - want[name]).abs().max().item() + 1e-5
+
+    assert_close(got, want, rule)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dims", [(64, 64), (128, 128), (256, 256), (192, 128)])
+@pytest.mark.parametrize("q_len, kv_len", [(1, 1), (129, 129), (17, 300), (300, 17)])
+def test_gpu_head_dims(dtype, dims, q_len, kv_len):
+    spec = attnc.Attention(8, 2, qk_dim=dims[0], v_dim=dims[1], mask_mod=mods.causal(), sinks=True,
+                           score_mod=mods.alibi(mods.alibi_slopes(8)))
+    check_cuda(attnc.compile(spec, target="cuda"), q_len, kv_len, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_gpu_variants(name, dtype):
+    op = attnc.compile(SPECS[name][0](64, 64), target="cuda")
+    lengths = [(129, 129)] if name in ("document_causal", "input_bias_masked_rows") else [(129, 129), (17, 129)]
+    for q_len, kv_len in lengths:
+        check_cuda(op, q_len, kv_len, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_atomic_and_separate_dq_agree_and_deterministic_mode_repeats_bits():
+    spec = attnc.Attention(8, 2, qk_dim=128, mask_mod=mods.causal())
+    fast = attnc.compile(spec, target="cuda")
+    exact = attnc.compile(spec, target="cuda", deterministic=True)
+    q, k, v = (t.cuda() for t in draw(spec.ir, 2, 1000, 1000, torch.bfloat16))
+    grads = []
+    for op in (fast, exact, exact):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        op(*leaves).float().square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(grads[1], grads[2]))
+    for a, b in zip(grads[0], grads[1]):
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
+    assert math.isfinite(float(grads[0][0].float().sum()))
