@@ -120,7 +120,7 @@ def example_specs(directory: Path | None = None) -> list[Path]:
 # --- output ----------------------------------------------------------------------------------------------------
 
 COLUMNS = (("spec", "<", 22), ("target", "<", 6), ("dtype", "<", 8), ("BxSqxSkv", ">", 11), ("max err", ">", 9),
-           ("tol", ">", 8), ("lse err", ">", 9), ("result", "<", 6), ("build s", ">", 7), ("run s", ">", 7))
+           ("tol", ">", 8), ("lse err", ">", 9), ("result", "<", 6), ("build s", ">", 7), ("run ms", ">", 9))
 
 
 def _row(values) -> str:
@@ -137,7 +137,7 @@ def table_row(label: str, result) -> str:
     lse = f"{result.lse_error:.2e}" if result.lse_inf_match else "-inf!"
     return _row((label, result.target, result.dtype, result.shape, f"{result.max_error:.2e}",
                  f"{result.tolerance:.0e}" if result.dtype == "float32" else f"{result.tolerance:.1e}", lse, verdict,
-                 f"{result.build_s:.2f}", f"{result.run_s:.3f}"))
+                 f"{result.build_s:.2f}", f"{1e3 * result.run_s:.3f}"))
 
 
 def error_row(label: str, target: str, dtype: str, shape: str, error: Exception) -> str:

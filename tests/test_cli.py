@@ -80,7 +80,7 @@ def test_run_prints_a_passing_table(capsys):
     assert cli.main(["run", CAUSAL, "--target", "cpu", "--batch", "1", "--q-len", "33", "--kv-len", "70"]) == 0
     out = capsys.readouterr().out
     header, rule, row, config = out.splitlines()[-4:]
-    for column in ("spec", "max err", "tol", "result", "build s", "run s"):
+    for column in ("spec", "max err", "tol", "result", "build s", "run ms"):
         assert column in header
     assert set(rule) == {"-"}
     assert row.split()[:4] == ["causal_mha", "cpu", "float32", "1x33x70"] and " pass " in row
