@@ -71,17 +71,22 @@ class KernelContext:
     stages: int
     threads: int
     pack_gqa: bool
+    arch: str = ""  # "sm_90a" / "sm_80" for cuda families, "" for the cpu
+    warp_specialized: bool = False  # sm_90a: producer warpgroup + consumer warpgroups (``threads`` consumers)
+    fast_tanh: bool = False  # the score expression calls attnc_fast_tanh; the template defines it
+    score_guard: bool = False  # the score reads tensors: evaluate it only for in-bounds (q_idx, kv_idx)
     bwd: BackwardContext | None = None  # set for the backward families (cpu_bwd, bwd) by make_bwd_context
 
 
 def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMap, config: KernelConfig,
-                 dtype: str) -> KernelContext:
-    """Print the IR's expressions and the tile map into a context for ``family``'s template."""
+                 dtype: str, arch: str = "") -> KernelContext:
+    """Print the IR's expressions and the tile map into a context for ``family``'s template (on ``arch``)."""
     buffers = tuple(InputBuffer(t.name, f"in_{t.name}", t.dtype, len(t.shape)) for t in ir.inputs)
     tensors = {t.name: t.buffer for t in buffers}
+    cuda = bool(arch)
 
     def text(expr) -> str:
-        return print_expr(expr, KERNEL_NAMES, tensors)
+        return print_expr(expr, KERNEL_NAMES, tensors, fast_tanh=cuda)
 
     return KernelContext(
         kernel_name=kernel_name,
@@ -110,6 +115,10 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
         stages=config.stages,
         threads=config.threads,
         pack_gqa=config.pack_gqa,
+        arch=arch,
+        warp_specialized=arch == "sm_90a",
+        fast_tanh=cuda and ir.score.has(sympy.tanh),
+        score_guard=bool(ir.score.atoms(sympy.Indexed)),
     )
 
 

@@ -15,6 +15,7 @@ from sympy.printing.printer import Printer
 from attnc.errors import UnsupportedError
 
 _FUNCTIONS = {sympy.tanh: "T.tanh", sympy.exp: "T.exp", sympy.log: "T.log"}
+FAST_TANH = "attnc_fast_tanh"  # CUDA templates define it with tanh.approx.f32: tanhf stays slow under fast math
 _RELATIONS = {"<": "<", "<=": "<=", ">": ">", ">=": ">=", "==": "==", "!=": "!="}
 
 
@@ -23,11 +24,13 @@ class TileLangPrinter(Printer):
 
     printmethod = "_tilelang"
 
-    def __init__(self, names: Mapping[sympy.Symbol, str], tensors: Mapping[str, str], float_dtype: str = "float32"):
+    def __init__(self, names: Mapping[sympy.Symbol, str], tensors: Mapping[str, str], float_dtype: str = "float32",
+                 fast_tanh: bool = False):
         super().__init__()
         self.names = {str(k): v for k, v in names.items()}
         self.tensors = dict(tensors)
         self.float_dtype = float_dtype
+        self.fast_tanh = fast_tanh
 
     def _float(self, expr: sympy.Basic) -> str:
         if expr.is_Integer:
@@ -140,6 +143,8 @@ class TileLangPrinter(Printer):
         return self._fold("T.max", expr)
 
     def _print_Function(self, expr):
+        if self.fast_tanh and isinstance(expr, sympy.tanh):
+            return f"T.call_extern(\"float32\", \"{FAST_TANH}\", {self._float(expr.args[0])})"
         fn = _FUNCTIONS.get(type(expr))
         if fn is None:
             raise UnsupportedError(f"kernels cannot compute `{expr.func}` (in `{expr}`)")
@@ -185,6 +190,7 @@ class TileLangPrinter(Printer):
 
 
 def print_expr(expr: sympy.Basic, names: Mapping[sympy.Symbol, str], tensors: Mapping[str, str] | None = None,
-               float_dtype: str = "float32") -> str:
-    """``expr`` as TileLang text; ``names`` maps symbols to kernel variables, ``tensors`` input names to buffers."""
-    return TileLangPrinter(names, tensors or {}, float_dtype).doprint(expr)
+               float_dtype: str = "float32", fast_tanh: bool = False) -> str:
+    """``expr`` as TileLang text; ``names`` maps symbols to kernel variables, ``tensors`` input names to buffers;
+    ``fast_tanh`` prints tanh as a call of the template's ``attnc_fast_tanh`` (one PTX instruction)."""
+    return TileLangPrinter(names, tensors or {}, float_dtype, fast_tanh).doprint(expr)

@@ -157,11 +157,13 @@ def _dtype_name(dtype_bytes: int) -> str:
 
 
 def shared_memory_bytes(
-    family: str, config: KernelConfig, *, qk_dim: int, v_dim: int, group: int = 1, dtype_bytes: int = 2
+    family: str, config: KernelConfig, *, qk_dim: int, v_dim: int, group: int = 1, dtype_bytes: int = 2,
+    output_in_q: bool = False,
 ) -> int:
     """Shared memory (bytes) one block of ``family`` needs under ``config``; see the module docstring for the terms.
 
     ``group`` (q heads per kv head) does not change the count: for ``decode`` it is already in ``config.block_m``.
+    ``output_in_q``: the output tile reuses the Q tile's bytes (the sm_90a forward when qk_dim == v_dim).
     """
     _check_family(family)
     bm, bn, st, e = config.block_m, config.block_n, max(1, config.stages), dtype_bytes
@@ -169,7 +171,7 @@ def shared_memory_bytes(
         q_tile = bm * qk_dim * e
         kv_tiles = st * bn * (qk_dim + v_dim) * e
         out_elem = 4 if (family == "decode" and config.split > 1) else e
-        out_tile = bm * v_dim * out_elem
+        out_tile = 0 if output_in_q else bm * v_dim * out_elem
         return q_tile + kv_tiles + out_tile
     if family == "bwd":
         kv_tiles = bn * (qk_dim + v_dim) * e
@@ -259,7 +261,8 @@ def check(
     if reasons:
         return reasons
 
-    smem = shared_memory_bytes(family, config, **dims)
+    warp_specialized_fwd = family == "fwd" and arch.wgmma
+    smem = shared_memory_bytes(family, config, **dims, output_in_q=warp_specialized_fwd and qk_dim == v_dim)
     resource = "tile buffer memory" if arch.is_cpu else "shared memory"
     if smem > arch.smem_per_block:
         reasons.append(f"{resource} {smem} bytes exceeds the {arch.name} limit of {arch.smem_per_block} bytes per block")
@@ -286,6 +289,9 @@ def check(
     if total_threads > arch.max_threads:
         extra = f" (+{arch.producer_threads} producer threads)" if arch.producer_threads else ""
         reasons.append(f"threads {threads}{extra} exceeds the {arch.name} limit of {arch.max_threads} per block")
+    if warp_specialized_fwd and bm != 64 * (threads // 128):
+        reasons.append(f"block_m {bm} with {threads} consumer threads: the {arch.name} forward gives each consumer "
+                       f"warpgroup 64 rows, so block_m must be 64 * threads // 128 = {64 * (threads // 128)}")
     warps = threads // 32
     if warps and family in ("fwd", "decode"):
         need = MMA_ROWS * warps

@@ -8,11 +8,11 @@ order (block_m, then block_n, stages, threads, pack_gqa, split, each ascending),
 CUDA axes (``fwd``, ``bwd``, ``decode``):
     block_m  64, 128, 192, 256 — for ``decode``, the q-head rows of one kv group: the smallest of these that holds
              ``group`` rows (all of them when ``group`` exceeds 256, the rows then being tiled)
-    block_n  32, 64, 128, 256, and 176 for ``fwd`` on sm_90a (FlashAttention-3's tile for head dim 128, which fills
-             Hopper's shared memory with 128-row Q tiles)
+    block_n  32, 64, 128, 256; for ``fwd`` on sm_90a also 80, 96, 160 and 176 (the tiles that fill Hopper's shared
+             memory at head dims 256, 192, 128 with 128-row Q tiles; measured best on the H200)
     stages   1, 2, 3
     threads  128, 256, 384
-    pack_gqa False, True for ``fwd`` when ``group > 1``; always ``group > 1`` for ``decode`` (the rows are the group's
+    pack_gqa always ``group > 1`` for ``decode`` (the rows are the group's
              q heads); False for ``bwd``
     split    1, 2, 4, 8, 16 for ``decode``; 1 otherwise
 CPU axes (``cpu_fwd``, ``cpu_bwd``): block_m and block_n in 16, 32, 64; stages 1; threads 1 (ignored by the C
@@ -31,7 +31,7 @@ from attnc.schedules.resources import CPU_FAMILIES, FAMILIES, Arch, check, get_a
 
 BLOCK_M = (64, 128, 192, 256)
 BLOCK_N = (32, 64, 128, 256)
-BLOCK_N_HOPPER_FWD = (32, 64, 128, 176, 256)
+BLOCK_N_HOPPER_FWD = (32, 64, 80, 96, 128, 160, 176, 256)
 STAGES = (1, 2, 3)
 THREADS = (128, 256, 384)
 SPLITS = (1, 2, 4, 8, 16)
@@ -57,8 +57,6 @@ def _axes(family: str, arch: Arch, group: int) -> dict[str, tuple]:
         pack_gqa=(False,),
         split=(1,),
     )
-    if family == "fwd" and group > 1:
-        axes["pack_gqa"] = (False, True)
     if family == "decode":
         axes["block_m"] = decode_rows(group)
         axes["pack_gqa"] = (group > 1,)

@@ -85,8 +85,17 @@ def test_fwd_256_tiles_at_d256_exceed_shared_memory():
     reasons = check("fwd", "sm_90a", cfg, qk_dim=256, v_dim=256)
     memory = [r for r in reasons if r.startswith("shared memory")]
     assert memory, reasons
-    assert str(shared_memory_bytes("fwd", cfg, qk_dim=256, v_dim=256)) in memory[0]
+    assert str(shared_memory_bytes("fwd", cfg, qk_dim=256, v_dim=256, output_in_q=True)) in memory[0]
     assert "232448" in memory[0]
+
+
+def test_hopper_forward_gives_each_consumer_warpgroup_64_rows_and_reuses_q_for_the_output():
+    assert any("64 * threads // 128 = 128" in r
+               for r in check("fwd", "sm_90a", KernelConfig(64, 128, 2, 256), qk_dim=128, v_dim=128))
+    fits_only_with_reuse = KernelConfig(block_m=128, block_n=80, stages=2, threads=256)
+    assert check("fwd", "sm_90a", fits_only_with_reuse, qk_dim=256, v_dim=256) == []
+    assert any(r.startswith("shared memory") for r in check("fwd", "sm_80", fits_only_with_reuse, qk_dim=256,
+                                                             v_dim=256))
 
 
 def test_128_rows_on_384_threads_has_no_warp_partition_on_sm90a():

@@ -1,0 +1,150 @@
+"""The CUDA forward template: every example builds for sm_90a (wgmma, TMA) and lowers for sm_80 on any machine
+with nvcc; on a GPU (marker `gpu`) every example and head dim matches the reference by DESIGN.md's rule."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import attnc
+from attnc import mods
+from attnc.cli import example_specs, load_spec
+from attnc.codegen.build import Target, cuda_home
+from attnc.runtime.check import check_op
+from attnc.runtime.kernels import Kernel, build_in_parallel
+from attnc.schedules.heuristics import default_config
+
+EXAMPLES = {path.stem: load_spec(path) for path in example_specs()}
+GPU_WORKERS = min(16, os.cpu_count() or 1)
+
+needs_nvcc = pytest.mark.skipif(cuda_home() is None, reason="building CUDA kernels needs nvcc (set CUDA_HOME)")
+
+
+def forward_jobs(specs, arch, dtypes=("bfloat16",)):
+    return [("fwd", spec.ir, default_config("fwd", arch, spec.ir, dtype), dtype, Target("cuda", arch))
+            for spec in specs for dtype in dtypes]
+
+
+@pytest.fixture(scope="module")
+def built_examples():
+    """Every example's forward for sm_90a and sm_80, built two at a time into the cache."""
+    jobs = forward_jobs([e.spec for e in EXAMPLES.values()], "sm_90a") + \
+        forward_jobs([e.spec for e in EXAMPLES.values()], "sm_80")
+    errors = build_in_parallel(jobs, workers=2)
+    return {(job[4].arch, job[1].key): error for job, error in zip(jobs, errors)}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_example_builds_for_sm90a_with_wgmma_and_tma_and_lowers_for_sm80(built_examples, name):
+    ir = EXAMPLES[name].spec.ir
+    for arch in ("sm_90a", "sm_80"):
+        assert built_examples[(arch, ir.key)] is None, built_examples[(arch, ir.key)]
+        kernel = Kernel.render("fwd", ir, default_config("fwd", arch, ir, "bfloat16"), "bfloat16",
+                               Target("cuda", arch)).build()
+        source = kernel.device_source()
+        if arch == "sm_90a":
+            assert "wgmma" in source and "tma_load" in source
+        else:
+            assert "wgmma" not in source and "mma" in source
+
+
+def test_a_config_that_does_not_fit_is_refused_before_building():
+    spec = attnc.Attention(8, qk_dim=256, mask_mod=mods.causal())
+    with pytest.raises(attnc.UnsupportedError, match=r"shared memory \d+ bytes exceeds the sm_90a limit of 232448"):
+        Kernel.render("fwd", spec.ir, attnc.KernelConfig(128, 256, 3, 256), "bfloat16", Target("cuda", "sm_90a"))
+
+
+def test_default_configs_fit_every_served_head_dim():
+    from attnc.runtime.support import CUDA_HEAD_DIMS
+    from attnc.schedules.resources import check
+
+    for qk_dim, v_dim in CUDA_HEAD_DIMS:
+        ir = attnc.Attention(8, 2, qk_dim=qk_dim, v_dim=v_dim, mask_mod=mods.causal()).ir
+        for arch in ("sm_90a", "sm_80"):
+            config = default_config("fwd", arch, ir, "bfloat16")
+            assert check("fwd", arch, config, qk_dim=qk_dim, v_dim=v_dim, group=4) == [], (arch, qk_dim)
+
+
+# ---------------------------------------------------------------------------------------------------- on a GPU
+HEAD_DIMS = [(64, 64), (128, 128), (256, 256), (192, 128)]
+LENGTHS = [(1, 1), (17, 17), (1000, 1000), (4096, 4096), (8192, 8192), (1000, 333), (333, 1000), (17, 4096)]
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def head_dim_specs(qk_dim, v_dim):
+    """The library mods at one head dim: what the examples cover at 64, again at every served head dim."""
+    slopes = mods.alibi_slopes(8)
+    table = torch.randn(8, 2 * 8192 - 1) * 0.1
+    return {
+        "causal_gqa": attnc.Attention(8, 2, qk_dim=qk_dim, v_dim=v_dim, mask_mod=mods.causal()),
+        "softcap_window_sinks": attnc.Attention(8, 2, qk_dim=qk_dim, v_dim=v_dim, score_mod=mods.softcap(30),
+                                                mask_mod=mods.sliding_window(300), sinks=True, layout="bhsd"),
+        "alibi_prefix": attnc.Attention(8, qk_dim=qk_dim, v_dim=v_dim, score_mod=mods.alibi(slopes),
+                                        mask_mod=mods.prefix_lm(100)),
+        "relative_bias_chunked": attnc.Attention(8, qk_dim=qk_dim, v_dim=v_dim,
+                                                 score_mod=mods.relative_bias(table), mask_mod=mods.chunked(256)),
+    }
+
+
+@pytest.fixture(scope="module")
+def gpu_ops():
+    """Every op the GPU tests run, with its kernels built in parallel first (16 cores on the GPU machine)."""
+    ops = {name: attnc.compile(e.spec, target="cuda") for name, e in EXAMPLES.items()}
+    for dims in HEAD_DIMS:
+        for name, spec in head_dim_specs(*dims).items():
+            ops[(name, dims)] = attnc.compile(spec, target="cuda")
+    jobs = [("fwd", op.ir, op.config_for(dtype, 1, 4096, 4096)[0], dtype_name, op.target)
+            for op in ops.values() for dtype, dtype_name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16"))]
+    errors = [e for e in build_in_parallel(jobs, GPU_WORKERS) if e]
+    assert not errors, errors[:3]
+    return ops
+
+
+def check(op, q_len, kv_len, dtype, make_inputs=None, batch=2):
+    inputs = make_inputs(q_len, kv_len) if make_inputs else None
+    result = check_op(op, batch=batch, q_len=q_len, kv_len=kv_len, dtype=dtype, inputs=inputs)
+    assert result.passed, (f"{result.name} {result.shape} {result.dtype}: max error {result.max_error:.3g} "
+                           f"(tolerance {result.tolerance:.3g}), lse error {result.lse_error:.3g} "
+                           f"(tolerance {result.lse_tolerance:.3g}), -inf match {result.lse_inf_match}, "
+                           f"seed {result.seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_len, kv_len", LENGTHS)
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_example_matches_the_reference_on_the_gpu(gpu_ops, name, q_len, kv_len, dtype):
+    example = EXAMPLES[name]
+    check(gpu_ops[name], q_len, kv_len, dtype, example.inputs, batch=1 if q_len * kv_len > 2**24 else 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_len, kv_len", [(17, 17), (1000, 1000), (4096, 4096), (1000, 333), (333, 1000)])
+@pytest.mark.parametrize("dims", HEAD_DIMS, ids=lambda d: f"d{d[0]}_{d[1]}")
+@pytest.mark.parametrize("name", ["causal_gqa", "softcap_window_sinks", "alibi_prefix", "relative_bias_chunked"])
+def test_every_head_dim_matches_the_reference_on_the_gpu(gpu_ops, name, dims, q_len, kv_len, dtype):
+    check(gpu_ops[(name, dims)], q_len, kv_len, dtype, batch=1)
+
+
+@pytest.mark.gpu
+def test_fully_masked_rows_and_lengths_that_change_without_a_rebuild(gpu_ops):
+    op = gpu_ops[("causal_gqa", (128, 128))]
+    kernel = op.kernel(torch.bfloat16, op.config_for(torch.bfloat16, 1, 4096, 4096)[0]).build()
+    compiled = kernel.compiled
+    q = torch.randn(1, 700, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 300, 2, 128, device="cuda", dtype=torch.bfloat16)
+    out, lse = op(q, k, k, return_lse=True)  # bottom-right causal: the first 400 queries see no key
+    assert not out.isnan().any() and (out[:, :400] == 0).all() and (lse[..., :400] == -math.inf).all()
+    assert torch.isfinite(lse[..., 400:]).all()
+    for length in (100, 2000, 3000):
+        q = torch.randn(1, length, 8, 128, device="cuda", dtype=torch.bfloat16)
+        op(q, q[:, :, :2].contiguous(), q[:, :, :2].contiguous())
+    assert kernel.compiled is compiled
+
+
+@pytest.mark.gpu
+def test_target_auto_picks_cuda_when_a_gpu_is_present():
+    assert attnc.compile(attnc.Attention(8, qk_dim=64)).target.kind == "cuda"
