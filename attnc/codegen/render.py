@@ -34,7 +34,10 @@ def template_hash(family: str) -> str:
     """sha256 of the family's template and the shared macros: part of every cache key."""
     digest = hashlib.sha256()
     for name in (template_name(family), "macros.py.j2"):
-        digest.update((TEMPLATE_DIR / name).read_bytes())
+        path = TEMPLATE_DIR / name
+        if not path.is_file():
+            raise BuildError(f"no template for kernel family {family!r} ({name} is not in {TEMPLATE_DIR})")
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 

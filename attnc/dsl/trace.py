@@ -32,31 +32,31 @@ def current_trace(action: str) -> TraceContext:
 
 
 def _closure_names(fn: Any, seen: set[int] | None = None) -> dict[int, str]:
-    """Variable names of the tensors a function can see: closure cells (recursively) then referenced globals."""
+    """Variable names of the tensors a mod can see: its closure cells and the globals it names, following the
+    functions it calls there (a mod wrapping `attnc.mods.alibi(slopes)` names ``slopes``)."""
     seen = set() if seen is None else seen
     if id(fn) in seen:
         return {}
     seen.add(id(fn))
-    names: dict[int, str] = {}
-    fn = inspect.unwrap(fn) if callable(fn) else fn
+    inner = getattr(fn, "fn", None) or getattr(fn, "func", None)  # attnc Mod, functools.partial
     code = getattr(fn, "__code__", None)
     if code is None:
-        inner = getattr(fn, "fn", None) or getattr(fn, "__call__", None)
-        return _closure_names(inner, seen) if inner is not None and inner is not fn else names
+        return _closure_names(inner, seen) if callable(inner) else {}
+    names: dict[int, str] = {}
+    values = []
     for var, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
         try:
-            value = cell.cell_contents
+            values.append((var, cell.cell_contents))
         except ValueError:
             continue
+    module = getattr(fn, "__globals__", {})
+    values += [(var, module[var]) for var in code.co_names if var in module]
+    for var, value in values:
         if isinstance(value, torch.Tensor):
             names.setdefault(id(value), var)
-        elif callable(value):
+        elif callable(value) and not isinstance(value, type):
             for key, name in _closure_names(value, seen).items():
                 names.setdefault(key, name)
-    for var in code.co_names:
-        value = getattr(fn, "__globals__", {}).get(var)
-        if isinstance(value, torch.Tensor):
-            names.setdefault(id(value), var)
     return names
 
 

@@ -498,8 +498,11 @@ def lookup_or_tune(op, dtype: torch.dtype, *, batch: int, q_len: int, kv_len: in
     ``'tuned'`` (tuned now but not recorded) or ``'heuristic'`` (the default config).
 
     With ``op.tune`` set, a bucket without an entry (any bucket with the ``force`` option) is tuned first, at the
-    call's sizes; a tuning that fails is logged and the heuristic is used.
+    call's sizes; a tuning that fails is logged and the heuristic is used. Without a visible GPU a cuda op (built
+    ahead of time) gets the heuristic: the database is keyed by the GPU.
     """
+    if op.target.kind == "cuda" and not torch.cuda.is_available():
+        return op.config(dtype), "heuristic"  # building ahead of time for a GPU elsewhere: nothing to look up
     options = op.tune_options
     database = options.get("database")
     key = tuning_key(op.ir, op.family, op.target, dtype, batch=batch, q_len=q_len, kv_len=kv_len)

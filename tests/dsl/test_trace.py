@@ -168,3 +168,10 @@ def test_flex_attention_helpers_and_chained_indexing_trace():
         attnc.Attention(2, mask_mod=lambda b, h, q, k: b.new_zeros((3,), dtype=torch.bool) | (q > k))
     with pytest.raises(SpecError, match="partly indexed"):
         attnc.Attention(2, score_mod=lambda score, b, h, q, k: score + bias[q].sum())
+
+
+def test_tensors_reached_through_wrapped_mods_keep_their_names():
+    alibi = attnc.mods.alibi(torch.rand(4))
+    bias = attnc.mods.relative_bias(torch.randn(4, 31))
+    spec = attnc.Attention(4, score_mod=lambda s, b, h, q, k: bias(alibi(s, b, h, q, k), b, h, q, k))
+    assert [t.name for t in spec.ir.inputs] == ["slopes", "table"]
