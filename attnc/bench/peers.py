@@ -40,6 +40,8 @@ def _flex(case: Case, qs, ks, vs):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     device = qs[0].device
+    # Every case compiles flex_attention anew; past dynamo's recompile limit (8) it would silently run eagerly.
+    torch._dynamo.reset()
     mask_mod, score_mod = case.flex_mask(device), case.flex_score(device)
     block_mask, setup_ms = None, 0.0
     if mask_mod is not None:

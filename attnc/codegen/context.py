@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import sympy
 
+from attnc.codegen.hoist import hoist
 from attnc.codegen.printer import print_expr
 from attnc.dsl import symbols
 from attnc.dsl.derivative import backward_tiles, read_gradients, score_derivative
@@ -41,6 +42,18 @@ class InputBuffer:
     buffer: str
     dtype: str
     ndim: int
+
+
+@dataclass(frozen=True)
+class CacheFill:
+    """A hoisted tensor read as the template fills it: the cache variable, 'block' / 'row' / 'column', its dtype,
+    the read (TileLang text, in ``b``, ``h``, ``q_idx``, ``kv_idx``) and a zero of its dtype for out-of-range rows."""
+
+    cache: str
+    level: str
+    dtype: str
+    read: str
+    zero: str
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,7 @@ class KernelContext:
     warp_specialized: bool = False  # sm_90a: producer warpgroup + consumer warpgroups (``threads`` consumers)
     fast_tanh: bool = False  # the score expression calls attnc_fast_tanh; the template defines it
     score_guard: bool = False  # the score reads tensors: evaluate it only for in-bounds (q_idx, kv_idx)
+    caches: tuple[CacheFill, ...] = ()  # cuda: tensor reads hoisted out of the element loop (codegen.hoist)
     bwd: BackwardContext | None = None  # set for the backward families (cpu_bwd, bwd) by make_bwd_context
 
 
@@ -83,10 +97,20 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
     """Print the IR's expressions and the tile map into a context for ``family``'s template (on ``arch``)."""
     buffers = tuple(InputBuffer(t.name, f"in_{t.name}", t.dtype, len(t.shape)) for t in ir.inputs)
     tensors = {t.name: t.buffer for t in buffers}
+    dtypes = {t.name: t.dtype for t in ir.inputs}
     cuda = bool(arch)
+    (score, mask), hoisted, cache_names = hoist(ir.score, ir.mask) if cuda else ((ir.score, ir.mask), (), {})
 
     def text(expr) -> str:
-        return print_expr(expr, KERNEL_NAMES, tensors, fast_tanh=cuda)
+        return print_expr(expr, {**KERNEL_NAMES, **cache_names}, tensors, fast_tanh=cuda)
+
+    caches = []
+    for read in hoisted:
+        source = dtypes[str(read.read.base)]
+        cache_dtype = source if read.integer else "float32"
+        value = print_expr(read.read, KERNEL_NAMES, tensors)
+        value = value if source == cache_dtype else f'T.cast({value}, "float32")'
+        caches.append(CacheFill(read.cache, read.level, cache_dtype, value, f'T.cast(0, "{cache_dtype}")'))
 
     return KernelContext(
         kernel_name=kernel_name,
@@ -101,8 +125,8 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
         v_dim=ir.v_dim,
         scale=ir.scale,
         scale_log2=ir.scale * math.log2(math.e),
-        score_expr=text(ir.score),
-        mask_expr=text(ir.mask) if ir.has_mask else "",
+        score_expr=text(score),
+        mask_expr=text(mask) if ir.has_mask else "",
         has_score_mod=ir.has_score_mod,
         kv_begin=text(tilemap.kv_begin),
         kv_end=text(tilemap.kv_end),
@@ -118,7 +142,8 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
         arch=arch,
         warp_specialized=arch == "sm_90a",
         fast_tanh=cuda and ir.score.has(sympy.tanh),
-        score_guard=bool(ir.score.atoms(sympy.Indexed)),
+        score_guard=bool(score.atoms(sympy.Indexed)),
+        caches=tuple(caches),
     )
 
 
