@@ -186,10 +186,14 @@ def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: Ker
     inputs = {t.name: t for t in ctx.inputs}
     tensors = {t.name: t.buffer for t in ctx.inputs}
     kv_names = {**KERNEL_NAMES, Q_TILE: "kv_tile"}
+    cuda = family == "bwd"  # P is recomputed with the forward's tanh (tanh.approx.f32 on cuda), so it matches its lse
 
     def text(expr, names=KERNEL_NAMES, buffers=tensors) -> str:
-        out = print_expr(expr, names, buffers)
+        out = print_expr(expr, names, buffers, fast_tanh=cuda)
         return f'T.cast({out}, "float32")' if sympy.sympify(expr).is_integer else out
+
+    if cuda:
+        ctx = dataclasses.replace(ctx, score_expr=text(ir.score), fast_tanh=ir.score.has(sympy.tanh))
 
     buffers, terms = [], []
     for name in grads:
