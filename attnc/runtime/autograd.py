@@ -16,6 +16,12 @@ Kernels, per (compiled op, dtype, gradients wanted, dQ mode):
   ``dq_mode="separate"``: a ``dq`` kernel per q tile over the forward's tile map, no atomics.
   ``attnc.compile(..., deterministic=True)`` selects ``separate``: dQ, dK, dV and dsinks are then the same bits on
   every run; gradients of captured tensors accumulate with atomics, so deterministic mode refuses to compute them.
+  Otherwise ``atomic`` is the default (FlashAttention-2's choice); to time the other, set
+  ``op.backward_dq_mode = "separate"`` on a compiled op (or pass ``dq_mode`` to `backward_for`).
+
+The kv-side tile map (which q tiles each kv tile visits, which are full) is the forward's analysis applied to the
+transposed mask (`attnc.dsl.derivative.backward_tiles`), so the backward skips exactly the tiles the forward skips
+for the affine masks, and evaluates the mask only on partial tiles.
 """
 
 from __future__ import annotations
