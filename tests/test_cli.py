@@ -102,7 +102,7 @@ def test_run_exits_1_and_names_the_seed_when_the_check_fails(capsys, monkeypatch
 
 
 def test_run_reports_an_input_error_for_lengths_the_spec_cannot_serve(capsys):
-    err = error_of(capsys, ["run", str(SPECS / "relative_bias.py"), "--q-len", "1100", "--batch", "1"])
+    err = error_of(capsys, ["run", str(SPECS / "relative_bias.py"), "--q-len", "8200", "--batch", "1"])
     assert "reads `table`" in err
 
 
