@@ -37,7 +37,7 @@ from attnc.dsl.derivative import read_gradients
 from attnc.dsl.ir import AttentionIR
 from attnc.errors import UnsupportedError
 from attnc.runtime import custom_op
-from attnc.runtime.kernels import KERNEL_DTYPES, attnc_version, pass_configs
+from attnc.runtime.kernels import KERNEL_DTYPES, BuiltKernel, attnc_version
 from attnc.schedules.config import KernelConfig
 
 DQ_MODES = ("atomic", "separate")
@@ -62,31 +62,6 @@ def backward_config(ir: AttentionIR, target: build.Target, stage: str = "main") 
 
 
 @dataclass
-class StageKernel:
-    """One rendered (and, on first call, built) backward kernel."""
-
-    key: str
-    source: str
-    target: build.Target
-    compiled: object = None
-
-    def build(self) -> StageKernel:
-        if self.compiled is None:
-            self.compiled = build.build(self.key, self.source, self.target, pass_configs("bwd", self.target))
-        return self
-
-    @property
-    def source_path(self):
-        return build.source_path(self.key)
-
-    def device_source(self) -> str:
-        return self.build().compiled.get_kernel_source()
-
-    def __call__(self, *tensors: torch.Tensor) -> None:
-        self.build().compiled(*tensors)
-
-
-@dataclass
 class Backward:
     """The backward kernels of one compiled op for one dtype, set of input gradients (``grads``: names of float
     inputs read by the score_mod) and dQ mode."""
@@ -97,7 +72,7 @@ class Backward:
     grads: tuple[str, ...]
     dq_mode: str
     config: KernelConfig
-    stages: dict[str, StageKernel] = field(default_factory=dict)
+    stages: dict[str, BuiltKernel] = field(default_factory=dict)
 
     @property
     def family(self) -> str:
@@ -112,7 +87,7 @@ class Backward:
         """``config`` for every stage but the cuda dQ pass, which tiles by q rows."""
         return backward_config(self.ir, self.target, "dq") if stage == "dq" else self.config
 
-    def stage(self, name: str) -> StageKernel:
+    def stage(self, name: str) -> BuiltKernel:
         """The kernel of stage ``name``, rendered on first request."""
         if name not in self.stages:
             family, ir = self.family, self.ir
@@ -130,7 +105,7 @@ class Backward:
             })
             ctx = make_bwd_context(family, f"attnc_{family}_{name}", ir, config, self.dtype, name,
                                    self.dq_mode, self.grads)
-            self.stages[name] = StageKernel(key, render.render(ctx), self.target)
+            self.stages[name] = BuiltKernel(family, key, render.render(ctx), self.target)
         return self.stages[name]
 
     def build(self) -> Backward:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -57,29 +57,16 @@ def pass_configs(family: str, target: build.Target) -> dict:
 
 
 @dataclass
-class Kernel:
-    """A forward kernel for one (IR, family, dtype, config, target)."""
+class BuiltKernel:
+    """A rendered kernel source under its cache key; built (or loaded from the disk cache) on first use."""
 
     family: str
     key: str
-    tilemap: TileMap
-    config: KernelConfig
-    source: str
+    source: str = field(repr=False)
     target: build.Target
-    compiled: object = None
+    compiled: object = field(default=None, kw_only=True)
 
-    @classmethod
-    def render(cls, family: str, ir: AttentionIR, config: KernelConfig, dtype: str, target: build.Target) -> Kernel:
-        """Render (not build) ``family``'s kernel; a config the target's resources cannot hold is refused first."""
-        if target.kind == "cuda":
-            require_fits(family, target.arch, config, qk_dim=ir.qk_dim, v_dim=ir.v_dim, group=ir.group,
-                         dtype_bytes=2)
-        tilemap = analyse(ir.mask, config.block_m, config.block_n)
-        key = kernel_key(family, ir, config, dtype, target)
-        ctx = make_context(family, f"attnc_{family}", ir, tilemap, config, dtype, target.arch)
-        return cls(family, key, tilemap, config, render.render(ctx), target)
-
-    def build(self) -> Kernel:
+    def build(self) -> BuiltKernel:
         if self.compiled is None:
             self.compiled = build.build(self.key, self.source, self.target, pass_configs(self.family, self.target))
         return self
@@ -94,6 +81,25 @@ class Kernel:
 
     def __call__(self, *tensors: torch.Tensor) -> None:
         self.build().compiled(*tensors)
+
+
+@dataclass
+class Kernel(BuiltKernel):
+    """A forward kernel for one (IR, family, dtype, config, target), with the tile map and config that made it."""
+
+    tilemap: TileMap
+    config: KernelConfig
+
+    @classmethod
+    def render(cls, family: str, ir: AttentionIR, config: KernelConfig, dtype: str, target: build.Target) -> Kernel:
+        """Render (not build) ``family``'s kernel; a config the target's resources cannot hold is refused first."""
+        if target.kind == "cuda":
+            require_fits(family, target.arch, config, qk_dim=ir.qk_dim, v_dim=ir.v_dim, group=ir.group,
+                         dtype_bytes=2)
+        tilemap = analyse(ir.mask, config.block_m, config.block_n)
+        key = kernel_key(family, ir, config, dtype, target)
+        ctx = make_context(family, f"attnc_{family}", ir, tilemap, config, dtype, target.arch)
+        return cls(family, key, render.render(ctx), target, tilemap=tilemap, config=config)
 
 
 def _build_job(job: tuple, cache: str) -> str | None:
