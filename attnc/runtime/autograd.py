@@ -39,26 +39,9 @@ from attnc.errors import UnsupportedError
 from attnc.runtime import custom_op
 from attnc.runtime.kernels import KERNEL_DTYPES, BuiltKernel, attnc_version
 from attnc.schedules.config import KernelConfig
+from attnc.schedules.heuristics import backward_config
 
 DQ_MODES = ("atomic", "separate")
-
-
-def backward_config(ir: AttentionIR, target: build.Target, stage: str = "main") -> KernelConfig:
-    """The schedule of one backward stage: ``block_m`` q rows, ``block_n`` kv rows per tile.
-
-    cuda ``main`` (and ``pre``, ``post``): kv tiles of 128 rows for head dims up to 128 (64 above, to fit the dK and
-    dV accumulators in registers), q tiles of 64, 256 threads (two consumer warpgroups over the 128 kv rows).
-    cuda ``dq``: q tiles of 128 rows (the warps split the q rows), kv tiles of 64 (32 above head dim 128).
-    sm_80 pipelines with one stage: tilelang 0.1.15 cannot lower a multi-stage pipeline with a run-time trip count
-    around a gemm there ("Downcast from tirx.Sub to ir.IntImm failed").
-    """
-    if target.kind == "cpu":
-        return KernelConfig(block_m=16, block_n=32, stages=1, threads=1)
-    wide = max(ir.qk_dim, ir.v_dim) > 128
-    stages = 2 if target.arch == "sm_90a" else 1
-    if stage == "dq":
-        return KernelConfig(block_m=128, block_n=32 if wide else 64, stages=stages, threads=256)
-    return KernelConfig(block_m=64, block_n=64 if wide else 128, stages=stages, threads=256)
 
 
 @dataclass
@@ -85,7 +68,7 @@ class Backward:
 
     def config_of(self, stage: str) -> KernelConfig:
         """``config`` for every stage but the cuda dQ pass, which tiles by q rows."""
-        return backward_config(self.ir, self.target, "dq") if stage == "dq" else self.config
+        return backward_config(self.target.arch or "cpu", self.ir, "dq") if stage == "dq" else self.config
 
     def stage(self, name: str) -> BuiltKernel:
         """The kernel of stage ``name``, rendered on first request."""
@@ -171,7 +154,7 @@ def backward_for(op, dtype: torch.dtype, grads: tuple[str, ...], dq_mode: str | 
     key = (op.op_id, dtype, grads, dq_mode)
     if key not in _BACKWARDS:
         _BACKWARDS[key] = Backward(op.ir, op.target, KERNEL_DTYPES[dtype], grads, dq_mode,
-                                   backward_config(op.ir, op.target))
+                                   backward_config(op.target.arch or "cpu", op.ir))
     return _BACKWARDS[key]
 
 

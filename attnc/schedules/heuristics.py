@@ -30,3 +30,22 @@ def default_config(family: str, arch: str, ir: AttentionIR, dtype: str) -> Kerne
     if family == "fwd":
         return KernelConfig(block_m=64, block_n=64, stages=1, threads=128)
     return KernelConfig(block_m=128, block_n=128, stages=2, threads=256)
+
+
+def backward_config(arch: str, ir: AttentionIR, stage: str = "main") -> KernelConfig:
+    """The schedule of one backward stage on ``arch`` ('cpu', 'sm_90a', 'sm_80'): ``block_m`` q rows, ``block_n``
+    kv rows per tile.
+
+    cuda ``main`` (and ``pre``, ``post``): kv tiles of 128 rows for head dims up to 128 (64 above, to fit the dK and
+    dV accumulators in registers), q tiles of 64, 256 threads (two consumer warpgroups over the 128 kv rows).
+    cuda ``dq``: q tiles of 128 rows (the warps split the q rows), kv tiles of 64 (32 above head dim 128).
+    sm_80 pipelines with one stage: tilelang 0.1.15 cannot lower a multi-stage pipeline with a run-time trip count
+    around a gemm there ("Downcast from tirx.Sub to ir.IntImm failed").
+    """
+    if arch == "cpu":
+        return KernelConfig(block_m=16, block_n=32, stages=1, threads=1)
+    wide = max(ir.qk_dim, ir.v_dim) > 128
+    stages = 2 if arch == "sm_90a" else 1
+    if stage == "dq":
+        return KernelConfig(block_m=128, block_n=32 if wide else 64, stages=stages, threads=256)
+    return KernelConfig(block_m=64, block_n=64 if wide else 128, stages=stages, threads=256)

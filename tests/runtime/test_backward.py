@@ -22,8 +22,9 @@ import attnc.mods as mods
 from attnc.cli import load_spec
 from attnc.codegen.build import Target
 from attnc.errors import UnsupportedError
-from attnc.runtime.autograd import Backward, backward_config, backward_for
+from attnc.runtime.autograd import Backward, backward_for
 from attnc.runtime.reference import attention_reference
+from attnc.schedules.heuristics import backward_config
 
 TOL = 1e-4
 DOC = torch.tensor([0] * 40 + [1] * 50 + [2] * 39)
@@ -248,7 +249,7 @@ def cuda_backward(arch, dq_mode, dims=(64, 64), layout="bshd", features=True):
         spec = attnc.Attention(8, 2, qk_dim=dims[0], v_dim=dims[1], layout=layout, mask_mod=mods.causal())
     target = Target("cuda", arch)
     grads = ("slopes", "table") if features else ()
-    return Backward(spec.ir, target, "bfloat16", grads, dq_mode, backward_config(spec.ir, target))
+    return Backward(spec.ir, target, "bfloat16", grads, dq_mode, backward_config(target.arch or "cpu", spec.ir))
 
 
 def test_cuda_backward_builds_for_sm90a():
