@@ -170,6 +170,10 @@ class TileLangPrinter(Printer):
             text = f"{fn}({text}, {a})"
         return text
 
+    def _print_ITE(self, expr):
+        condition, then, otherwise = (self._print(a) for a in expr.args)
+        return f"T.if_then_else({condition}, {then}, {otherwise})"
+
     def _print_Not(self, expr):
         return f"T.Not({self._print(expr.args[0])})"
 

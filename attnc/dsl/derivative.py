@@ -119,17 +119,10 @@ class BackwardTiles:
         return self.tilemap.grid(kv_len, q_len)
 
 
-def _without_ite(expr: sympy.Expr) -> sympy.Expr:
-    """``ITE(c, a, b)`` (which the analysis can produce in conditions) as ``(c & a) | (~c & b)``, printable."""
-    ite = sympy.logic.boolalg.ITE
-    return expr.replace(lambda e: isinstance(e, ite),
-                        lambda e: sympy.Or(sympy.And(e.args[0], e.args[1]), sympy.And(sympy.Not(e.args[0]), e.args[2])))
-
-
 def backward_tiles(mask: sympy.Basic, block_m: int, block_n: int) -> BackwardTiles:
     """The kv-side map for q tiles of ``block_m`` rows and kv tiles of ``block_n`` rows."""
     t = analyse(transpose_mask(mask), block_n, block_m)
     back = {symbols.q_len: symbols.kv_len, symbols.kv_len: symbols.q_len}
-    q_begin, q_end, full_begin, full_end = (_without_ite(e.xreplace(back)) for e in (t.kv_begin, t.kv_end,
-                                                                                   t.full_begin, t.full_end))
+    q_begin, q_end, full_begin, full_end = (e.xreplace(back) for e in (t.kv_begin, t.kv_end, t.full_begin,
+                                                                        t.full_end))
     return BackwardTiles(block_m, block_n, q_begin, q_end, full_begin, full_end, t)

@@ -27,6 +27,7 @@ def show(expr, tensors=None):
     (sympy.Lt(s.kv_idx, s.q_idx + 1), "(kv_idx < (1 + q_idx))"),
     (sympy.And(s.q_idx >= s.kv_idx, sympy.Ne(s.h, 0)), "T.And((q_idx >= kv_idx), (h != 0))"),
     (sympy.Not(sympy.Eq(s.b, s.h)), "(b != h)"),
+    (sympy.ITE(s.q_idx > 3, s.kv_idx < 2, s.kv_idx > 5), "T.if_then_else((q_idx > 3), (kv_idx < 2), (kv_idx > 5))"),
     (sympy.Piecewise((s.score, s.q_idx >= s.kv_idx), (-sympy.oo, True)),
      "T.if_then_else((kv_idx <= q_idx), score, (-T.infinity(\"float32\")))"),
     (s.score ** 2, "(score * score)"),
