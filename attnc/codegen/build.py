@@ -67,10 +67,6 @@ def _tilelang():
     return tilelang
 
 
-def tilelang_version() -> str:
-    return _tilelang().__version__
-
-
 def source_path(key: str) -> Path:
     return cache_dir() / "kernels" / f"{key}.py"
 

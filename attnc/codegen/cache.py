@@ -7,7 +7,9 @@ second check, so concurrent processes never see half a file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -32,6 +34,19 @@ def cache_dir() -> Path:
         path = Path.home() / ".cache" / "attnc"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@functools.cache
+def versions() -> tuple[str, str]:
+    """(attnc's version, tilelang's version): every cache key and tuning key carries both, so an upgrade of either
+    never reuses an old build or measurement. Read from package metadata (tilelang is not imported)."""
+    from attnc import __version__
+
+    try:
+        tilelang = importlib.metadata.version("tilelang")
+    except importlib.metadata.PackageNotFoundError:
+        tilelang = "unknown"
+    return __version__, tilelang
 
 
 def derive_key(prefix: str, payload: dict) -> str:

@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 import torch
 
 from attnc.codegen import build, render
-from attnc.codegen.cache import derive_key
+from attnc.codegen.cache import derive_key, versions
 from attnc.codegen.context import make_bwd_context
 from attnc.dsl.derivative import read_gradients
 from attnc.dsl.ir import AttentionIR
 from attnc.errors import UnsupportedError
 from attnc.runtime import custom_op
-from attnc.runtime.kernels import KERNEL_DTYPES, BuiltKernel, attnc_version
+from attnc.runtime.kernels import KERNEL_DTYPES, BuiltKernel
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.heuristics import backward_config
 
@@ -83,8 +83,7 @@ class Backward:
                 "stage": name,
                 "dq_mode": self.dq_mode if self.target.kind == "cuda" else "serial",  # cpu: one serial kernel
                 "grads": list(self.grads),
-                "attnc": attnc_version(),
-                "tilelang": build.tilelang_version(),
+                "versions": versions(),
             })
             ctx = make_bwd_context(family, f"attnc_{family}_{name}", ir, config, self.dtype, name,
                                    self.dq_mode, self.grads)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
 from dataclasses import dataclass, field
 
 import torch
 
 from attnc.codegen import build, render
-from attnc.codegen.cache import derive_key
+from attnc.codegen.cache import derive_key, versions
 from attnc.codegen.context import make_context
 from attnc.dsl.ir import AttentionIR
 from attnc.dsl.tilemap import TileMap, analyse
@@ -17,16 +15,6 @@ from attnc.schedules.config import KernelConfig
 from attnc.schedules.resources import require_fits
 
 KERNEL_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-@functools.cache
-def attnc_version() -> str:
-    try:
-        return importlib.metadata.version("attnc")
-    except importlib.metadata.PackageNotFoundError:
-        from attnc import __version__
-
-        return __version__
 
 
 def kernel_key(family: str, ir: AttentionIR, config: KernelConfig, dtype: str, target: build.Target) -> str:
@@ -37,8 +25,7 @@ def kernel_key(family: str, ir: AttentionIR, config: KernelConfig, dtype: str, t
         "template": render.template_hash(family),
         "config": config.to_json(),
         "target": [target.kind, target.arch],
-        "attnc": attnc_version(),
-        "tilelang": build.tilelang_version(),
+        "versions": versions(),
     })
 
 

@@ -20,7 +20,6 @@ Safety rules:
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import logging
 import math
@@ -32,7 +31,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import IO
 
-from attnc.codegen.cache import cache_dir
+from attnc.codegen.cache import cache_dir, versions
 from attnc.errors import InputError
 from attnc.schedules.config import KernelConfig
 
@@ -67,30 +66,6 @@ def bucket(n: int, minimum: int = 16) -> int:
     if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 1:
         raise InputError(f"bucket's minimum must be a positive integer, got {minimum!r}")
     return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
-def versions() -> tuple[str, str]:
-    """(attnc's version, tilelang's version) as they enter tuning keys; ``'unknown'`` where none is found.
-
-    tilelang's comes from its package metadata, so tilelang is not imported.
-    """
-    attnc_version = None
-    try:
-        import attnc
-
-        attnc_version = getattr(attnc, "__version__", None)
-    except ImportError:  # pragma: no cover
-        pass
-    if not attnc_version:
-        try:
-            attnc_version = importlib.metadata.version("attnc")
-        except importlib.metadata.PackageNotFoundError:
-            attnc_version = "unknown"
-    try:
-        tilelang_version = importlib.metadata.version("tilelang")
-    except importlib.metadata.PackageNotFoundError:
-        tilelang_version = "unknown"
-    return str(attnc_version), tilelang_version
 
 
 @dataclass(frozen=True)
