@@ -6,6 +6,7 @@ SDPA can express the case, and FlexAttention's ``score_mod``/``mask_mod`` writte
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,6 +30,7 @@ class Case:
     flex_score: Callable[[torch.device], Callable | None] = lambda device: None
     flex_mask: Callable[[torch.device], Callable | None] = lambda device: None
     sdpa_causal: bool | None = None  # None: SDPA cannot express the case
+    learned: Callable[[torch.device], tuple[torch.Tensor, ...]] = lambda device: ()  # trained tensors the mods read
     tags: tuple[str, ...] = field(default=())
 
 
@@ -119,9 +121,17 @@ def softcap(causal: bool, cap: float = 30.0, seq: int = 4096, batch: int = 4) ->
                 flex_score=flex_score, flex_mask=lambda device: _flex_causal if causal else None)
 
 
+@functools.cache
+def _bias_table(seq: int, device: torch.device) -> torch.Tensor:
+    """A learned (heads, 2·seq − 1) relative-position table, one per device, shared by attnc's and Flex's mods."""
+    table = torch.randn(32, 2 * seq - 1, generator=torch.Generator().manual_seed(1)) * 0.1
+    return table.to(device).requires_grad_()
+
+
 def relative_bias(seq: int = 4096, batch: int = 4) -> Case:
+    """A learned relative-position bias (FlexAttention's captured-buffer gradient path in the backward)."""
     def table(device):
-        return (torch.randn(32, 2 * seq - 1, generator=torch.Generator().manual_seed(1)) * 0.1).to(device)
+        return _bias_table(seq, torch.device(device))
 
     def flex_score(device):
         bias = table(device)
@@ -133,7 +143,7 @@ def relative_bias(seq: int = 4096, batch: int = 4) -> Case:
     return Case(f"relative bias, causal S{seq // 1024}k", batch, 32, 32, seq, 128,
                 spec=lambda device: attnc.Attention(32, layout="bhsd", mask_mod=mods.causal(),
                                                     score_mod=mods.relative_bias(table(device))),
-                flex_score=flex_score, flex_mask=lambda device: _flex_causal)
+                flex_score=flex_score, flex_mask=lambda device: _flex_causal, learned=lambda device: (table(device),))
 
 
 def forward_cases(quick: bool = False) -> list[Case]:
@@ -147,3 +157,8 @@ def forward_cases(quick: bool = False) -> list[Case]:
     if not quick:
         cases += [sliding_window(4096, seq=16384, batch=1)]
     return cases
+
+
+def backward_cases(quick: bool = False) -> list[Case]:
+    """The backward benchmark: the forward's cases plus a learned relative bias (its table's gradient too)."""
+    return forward_cases(quick) + [relative_bias()]

@@ -71,8 +71,27 @@ def _attnc(case: Case, qs, ks, vs):
     return setup_ms, run
 
 
+def _attnc_default(case: Case, qs, ks, vs):
+    """attnc with the default heuristic's config, whatever the tuning database holds (beside a tuned run)."""
+    from attnc.runtime.compiled import resolve_target
+    from attnc.runtime.kernels import KERNEL_DTYPES
+    from attnc.schedules.heuristics import default_config
+
+    spec = case.spec(qs[0].device)
+    config = default_config("fwd", resolve_target("cuda").arch, spec.ir, KERNEL_DTYPES[qs[0].dtype])
+    start = time.perf_counter()
+    op = attnc.compile(spec, target="cuda", config=config, dtype=qs[0].dtype)
+    setup_ms = (time.perf_counter() - start) * 1e3
+
+    def run(i):
+        return op(qs[i], ks[i], vs[i])
+    run.op = op
+    return setup_ms, run
+
+
 PEERS: dict[str, Callable] = {
     "attnc": _attnc,
+    "attnc_default": _attnc_default,
     "cudnn": _sdpa("CUDNN_ATTENTION"),
     "fa2": _sdpa("FLASH_ATTENTION"),
     "flex": _flex,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PEER_LABELS = {"attnc": "attnc", "cudnn": "cuDNN SDPA", "fa2": "SDPA flash (FA2)", "flex": "FlexAttention"}
+PEER_LABELS = {"attnc": "attnc", "attnc_default": "attnc default", "cudnn": "cuDNN SDPA", "fa2": "SDPA flash (FA2)",
+               "flex": "FlexAttention"}
 CONVENTION = ("TFLOP/s count only unmasked score elements: (2·qk_dim + 2·v_dim) FLOPs per element in the forward, "
               "2.5× that in the backward, so masked variants compare with dense ones.")
 
@@ -19,32 +20,51 @@ def _cell(row: dict | None) -> str:
 
 
 def markdown(results: list[dict], title: str) -> str:
-    """One row per case: TFLOP/s per peer, attnc's ratio to each, setup times, peak memory, max difference."""
+    """One row per case: TFLOP/s per peer, attnc's ratio to each, setup times, peak memory, max difference; after a
+    tuned run (``attnc bench --tune``) also the tuned config's gain over the default, the tuning's seconds and
+    compile + first call in a fresh process."""
     peers = [p for p in PEER_LABELS if any(r["peer"] == p for r in results)]
+    others = [p for p in peers if p not in ("attnc", "attnc_default")]
+    tuned = any("tune_s" in r for r in results)
     cases = list(dict.fromkeys(r["case"] for r in results))
-    head = ["case"] + [PEER_LABELS[p] for p in peers] + [f"attnc / {PEER_LABELS[p]}" for p in peers if p != "attnc"]
+    head = ["case"] + [PEER_LABELS[p] for p in peers] + [f"attnc / {PEER_LABELS[p]}" for p in others]
+    if tuned:
+        head += ["tuned / default", "configs default → tuned", "tune s", "first call s"]
     head += ["attnc build s", "Flex block mask ms", "attnc peak MiB", "max abs diff to a peer"]
     lines = [f"### {title}", "", CONVENTION, "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for case in cases:
         rows = {r["peer"]: r for r in results if r["case"] == case}
         cells = [case] + [_cell(rows.get(p)) for p in peers]
         ours = rows.get("attnc")
-        for p in peers:
-            if p == "attnc":
-                continue
-            other = rows.get(p)
-            ok = ours and other and not ours.get("error") and not other.get("error")
-            cells.append(f"{ours['tflops'] / other['tflops']:.2f}×" if ok else "—")
-        cells.append(f"{ours['setup_ms'] / 1e3:.1f}" if ours and not ours.get("error") else "—")
+        ours = ours if ours and not ours.get("error") else None
+        cells += [_ratio(ours, rows.get(p)) for p in others]
+        if tuned:
+            default = rows.get("attnc_default")
+            cells.append(_ratio(ours, default))
+            configs = ours and "tuned_config" in ours
+            cells.append(f"{ours['default_config']} → {ours['tuned_config']}" if configs else "—")
+            cells.append(f"{ours['tune_s']:.0f}" if ours and "tune_s" in ours else "—")
+            cells.append(f"{ours['first_call_s']:.2f}" if ours and "first_call_s" in ours else "—")
+        cells.append(f"{ours['setup_ms'] / 1e3:.1f}" if ours else "—")
         flex = rows.get("flex")
         cells.append(f"{flex['setup_ms']:.1f}" if flex and not flex.get("error") and flex["setup_ms"] else "—")
-        cells.append(f"{ours['peak_mib']:.0f}" if ours and not ours.get("error") else "—")
+        cells.append(f"{ours['peak_mib']:.0f}" if ours else "—")
         cells.append(f"{ours['max_diff']:.1e}" if ours and ours.get("max_diff") is not None else "—")
         lines.append("| " + " | ".join(cells) + " |")
+    dynamo = next((r["torch_dynamo_import_s"] for r in results if r.get("torch_dynamo_import_s")), None)
+    if dynamo is not None:
+        lines += ["", (f"First call: plus {dynamo:.2f} s once per process for torch's `torch._dynamo` import, which "
+                       "torch.library's custom-op dispatch triggers on its first use.")]
     errors = [r for r in results if r.get("error")]
     if errors:
         lines += ["", "Not measured: " + "; ".join(f"{r['peer']} on {r['case']}: {r['error']}" for r in errors)]
     return "\n".join(lines) + "\n"
+
+
+def _ratio(ours: dict | None, other: dict | None) -> str:
+    if ours is None or other is None or other.get("error"):
+        return "—"
+    return f"{ours['tflops'] / other['tflops']:.2f}×"
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:

@@ -1,15 +1,26 @@
-"""Running a benchmark: every case, every peer, one process, one GPU, the same inputs for all."""
+"""Running a benchmark: every case, every peer, one process, one GPU, the same inputs for all.
+
+``run(cases, peers)`` times the forward, ``run(cases, peers, backward=True)`` the backward alone (gradients of q,
+k, v from a recorded forward). With ``tune=True`` attnc's forward is first tuned for every case at its sizes
+(`attnc.schedules.tuner.tune`, recorded in the tuning database that dispatch then reads), the default heuristic's
+config is timed beside it as the peer ``attnc_default``, and a fresh process measures compile + first call
+(`attnc.bench.first_call`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
 import torch
 
 from attnc.bench import report
-from attnc.bench.cases import Case, forward_cases
+from attnc.bench.cases import Case, backward_cases, forward_cases
 from attnc.bench.peers import PEERS, NotApplicable
 from attnc.schedules.timing import attention_flops, buffer_count, measure, tflops, unmasked_elements
 
@@ -23,135 +34,148 @@ def _timed(fn, sets: int, repeats: int):
     return timing, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _inputs(case: Case, dtype: torch.dtype, device, sets: int):
+def _inputs(case: Case, dtype: torch.dtype, sets: int, grad: bool):
     def make(heads):
-        return torch.randn(case.batch, heads, case.seq, case.dim, dtype=dtype, device=device)
+        t = torch.randn(case.batch, heads, case.seq, case.dim, dtype=dtype, device="cuda")
+        return t.requires_grad_() if grad else t
     return ([make(case.q_heads) for _ in range(sets)], [make(case.kv_heads) for _ in range(sets)],
             [make(case.kv_heads) for _ in range(sets)])
 
 
-def _prebuild(cases: list[Case], dtype: torch.dtype, device, workers: int = 16) -> None:
-    """Build attnc's kernel for every case in parallel processes first; the timed loop then loads them from disk."""
-    import attnc
-    from attnc.runtime.kernels import KERNEL_DTYPES, build_in_parallel
-
-    jobs = []
-    for case in cases:
-        op = attnc.compile(case.spec(device), target="cuda")
-        config, _ = op.config_for(dtype, case.batch, case.seq, case.seq)
-        jobs.append(("fwd", op.ir, config, KERNEL_DTYPES[dtype], op.target))
-    build_in_parallel(jobs, min(workers, len(jobs)))
-
-
-def run_forward(cases: list[Case], peers: list[str], dtype: torch.dtype = torch.bfloat16, repeats: int = 20,
-                log=print) -> list[dict]:
-    """Time every peer on every case; a peer that cannot run a case is recorded with its reason."""
-    device = torch.device("cuda")
-    results = []
-    if "attnc" in peers:
-        _prebuild(cases, dtype, device)
-    for case in cases:
-        torch.manual_seed(0)
-        per_set = case.batch * case.seq * case.dim * (case.q_heads + 2 * case.kv_heads) * dtype.itemsize
-        sets = buffer_count(per_set, device)
-        qs, ks, vs = _inputs(case, dtype, device, sets)
-        spec = case.spec(device)
-        elements = unmasked_elements(spec.ir, case.batch, case.seq, case.seq, spec.captured_tensors(),
-                                     sample_rows=None)
-        flops = attention_flops(spec.ir, elements)
-        outputs = {}
-        for peer in peers:
-            row = {"case": case.name, "peer": peer, "batch": case.batch, "q_heads": case.q_heads,
-                   "kv_heads": case.kv_heads, "seq": case.seq, "dim": case.dim, "dtype": str(dtype),
-                   "unmasked": elements, "flops": flops}
-            try:
-                setup_ms, fn = PEERS[peer](case, qs, ks, vs)
-                outputs[peer] = fn(0).float()
-                timing, peak_mib = _timed(fn, sets, repeats)
-                row.update(ms=timing.median_ms, min_ms=timing.min_ms, peak_mib=peak_mib, setup_ms=setup_ms,
-                           tflops=tflops(flops, timing.median_ms))
-                if peer == "attnc":
-                    row["config"] = fn.op.kernel(dtype).config.short()
-            except NotApplicable as reason:
-                row["error"] = str(reason)
-            except Exception as error:  # a failing peer is reported, not fatal to the run
-                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-                log(traceback.format_exc(limit=3))
-            results.append(row)
-            log(f"{case.name:40s} {peer:6s} " + (f"{row['tflops']:7.1f} TFLOP/s {row['ms']:8.3f} ms"
-                                                   if "tflops" in row else row["error"]))
-        if "attnc" in outputs:
-            reference = next((outputs[p] for p in ("cudnn", "fa2", "flex") if p in outputs), None)
-            attnc_row = next(r for r in results if r["case"] == case.name and r["peer"] == "attnc")
-            attnc_row["max_diff"] = None if reference is None else (outputs["attnc"] - reference).abs().max().item()
-        del qs, ks, vs, outputs
-        torch.cuda.empty_cache()
-    return results
-
-
-def _prebuild_backward(cases: list[Case], dtype: torch.dtype, device) -> None:
-    """Build attnc's backward kernels for every case, several at once (nvcc runs outside the GIL)."""
+def _prebuild(cases: list[Case], dtype: torch.dtype, backward: bool, default_too: bool, workers: int = 16) -> None:
+    """Build attnc's kernels for every case in parallel first; the timed loop then loads them from disk."""
     import concurrent.futures
 
     import attnc
     from attnc.runtime.autograd import backward_for
+    from attnc.runtime.kernels import KERNEL_DTYPES, build_in_parallel
 
-    backwards = [backward_for(attnc.compile(case.spec(device), target="cuda"), dtype, ()) for case in cases]
-    stages = [b.stage(name) for b in backwards for name in b.stage_names()]
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda stage: stage.build(), stages))
+    ops = [(case, attnc.compile(case.spec(torch.device("cuda")), target="cuda")) for case in cases]
+    jobs = []
+    for case, op in ops:
+        configs = {op.config_for(dtype, case.batch, case.seq, case.seq)[0]}
+        if default_too:
+            configs.add(op.config(dtype))
+        jobs += [("fwd", op.ir, config, KERNEL_DTYPES[dtype], op.target) for config in configs]
+    build_in_parallel(jobs, min(workers, len(jobs)))
+    if backward:
+        stages = [b.stage(name) for b in (backward_for(op, dtype, ()) for _, op in ops) for name in b.stage_names()]
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # nvcc runs outside the GIL
+            list(pool.map(lambda stage: stage.build(), stages))
 
 
-def run_backward(cases: list[Case], peers: list[str], dtype: torch.dtype = torch.bfloat16, repeats: int = 20,
-                 log=print) -> list[dict]:
-    """Time the backward alone (gradients of q, k, v from a recorded forward) of every peer on every case."""
-    device = torch.device("cuda")
-    results = []
+def tune_cases(cases: list[Case], dtype: torch.dtype, budget_s: float, max_candidates: int | None,
+               log=print) -> dict[str, dict]:
+    """Tune attnc's forward for every case at its sizes, recording each bucket's best in the tuning database; per
+    case name: the tuning's seconds, candidates timed, best and default configs and times."""
+    import attnc
+    from attnc.schedules import tuner
+
+    summary = {}
+    for case in cases:
+        op = attnc.compile(case.spec(torch.device("cuda")), target="cuda")
+        result = tuner.tune(op, dtype=dtype, batch=case.batch, q_len=case.seq, budget_s=budget_s,
+                            max_candidates=max_candidates)
+        log(f"{case.name:40s} tune: {result.summary()}")
+        summary[case.name] = {"tune_s": result.seconds, "timed": result.count("timed"),
+                              "candidates": len(result.candidates), "tuned_config": result.best.short(),
+                              "default_config": result.default.short(), "tune_best_ms": result.ms,
+                              "tune_default_ms": result.default_ms}
+    return summary
+
+
+def first_calls(cases: list[Case], log=print) -> dict[str, float]:
+    """Compile + first call per case, measured in a fresh process (`attnc.bench.first_call`); the one-time
+    ``torch._dynamo`` import under the key ``'torch._dynamo import'``."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "attnc.bench.first_call", *(c.name for c in cases)], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        log(f"first-call measurement failed: {done.stderr.strip()[-2000:]}")
+        return {}
+    seconds = {}
+    for line in done.stdout.splitlines():
+        record = json.loads(line)
+        if "torch_dynamo_import_s" in record:
+            seconds["torch._dynamo import"] = record["torch_dynamo_import_s"]
+        else:
+            seconds[record["case"]] = record["first_call_s"]
+    return seconds
+
+
+def run(cases: list[Case], peers: list[str], *, backward: bool = False, dtype: torch.dtype = torch.bfloat16,
+        repeats: int = 20, tune: bool = False, tune_budget_s: float = 60.0, tune_candidates: int | None = None,
+        log=print) -> list[dict]:
+    """Time every peer on every case (forward, or the backward alone); a peer that cannot run a case is recorded
+    with its reason."""
+    tuned = {}
     if "attnc" in peers:
-        _prebuild_backward(cases, dtype, device)
+        if tune:
+            tuned = tune_cases(cases, dtype, tune_budget_s, tune_candidates, log)
+            peers = [p for p in peers if p != "attnc_default"]
+            peers.insert(peers.index("attnc") + 1, "attnc_default")
+        _prebuild(cases, dtype, backward, default_too="attnc_default" in peers)
+    first_call = first_calls(cases, log) if tune else {}
+    results = []
     for case in cases:
         torch.manual_seed(0)
         per_set = case.batch * case.seq * case.dim * (case.q_heads + 2 * case.kv_heads) * dtype.itemsize
-        sets = min(4, buffer_count(per_set, device))
-        qs, ks, vs = (_requires_grad(t) for t in _inputs(case, dtype, device, sets))
-        douts = [torch.randn_like(q) for q in qs]
-        spec = case.spec(device)
+        sets = buffer_count(per_set, torch.device("cuda"))
+        if backward:
+            sets = min(4, sets)
+        qs, ks, vs = _inputs(case, dtype, sets, grad=backward)
+        douts = [torch.randn_like(q) for q in qs] if backward else None
+        spec = case.spec(torch.device("cuda"))
+        learned = case.learned(torch.device("cuda")) if backward else ()
         elements = unmasked_elements(spec.ir, case.batch, case.seq, case.seq, spec.captured_tensors(),
                                      sample_rows=None)
-        flops = attention_flops(spec.ir, elements, backward=True)
-        grads = {}
+        flops = attention_flops(spec.ir, elements, backward=backward)
+        outputs = {}
         for peer in peers:
             row = {"case": case.name, "peer": peer, "batch": case.batch, "q_heads": case.q_heads,
                    "kv_heads": case.kv_heads, "seq": case.seq, "dim": case.dim, "dtype": str(dtype),
-                   "unmasked": elements, "flops": flops, "pass": "backward"}
+                   "unmasked": elements, "flops": flops, "pass": "backward" if backward else "forward"}
             try:
                 setup_ms, forward = PEERS[peer](case, qs, ks, vs)
-                outs = [forward(i) for i in range(sets)]
+                if backward:
+                    outs = [forward(i) for i in range(sets)]
 
-                def backward(i):
-                    return torch.autograd.grad(outs[i], (qs[i], ks[i], vs[i]), douts[i], retain_graph=True)
-                grads[peer] = [g.float() for g in backward(0)]
-                timing, peak_mib = _timed(backward, sets, repeats)
+                    def fn(i, outs=outs, qs=qs, ks=ks, vs=vs, douts=douts, learned=learned):
+                        return torch.autograd.grad(outs[i], (qs[i], ks[i], vs[i], *learned), douts[i],
+                                                   retain_graph=True)
+                    outputs[peer] = [g.float() for g in fn(0)]
+                else:
+                    fn = forward
+                    outputs[peer] = [fn(0).float()]
+                timing, peak_mib = _timed(fn, sets, repeats)
                 row.update(ms=timing.median_ms, min_ms=timing.min_ms, peak_mib=peak_mib, setup_ms=setup_ms,
                            tflops=tflops(flops, timing.median_ms))
+                if hasattr(forward, "op"):
+                    config, row["config_source"] = forward.op.config_for(dtype, case.batch, case.seq, case.seq)
+                    row["config"] = config.short()
+                if peer == "attnc":
+                    row.update(tuned.get(case.name, {}))
+                    if case.name in first_call:
+                        row["first_call_s"] = first_call[case.name]
+                        row["torch_dynamo_import_s"] = first_call.get("torch._dynamo import")
             except NotApplicable as reason:
                 row["error"] = str(reason)
             except Exception as error:  # a failing peer is reported, not fatal to the run
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
                 log(traceback.format_exc(limit=3))
             results.append(row)
-            log(f"{case.name:40s} {peer:6s} bwd " + (f"{row['tflops']:7.1f} TFLOP/s {row['ms']:8.3f} ms"
-                                                       if "tflops" in row else row["error"]))
-        if "attnc" in grads:
-            reference = next((grads[p] for p in ("cudnn", "fa2", "flex") if p in grads), None)
-            attnc_row = next(r for r in results if r["case"] == case.name and r["peer"] == "attnc")
-            attnc_row["max_diff"] = None if reference is None else max(
-                (a - b).abs().max().item() for a, b in zip(grads["attnc"], reference))
+            log(f"{case.name:40s} {peer:13s} {row['pass'][:3]} " +
+                (f"{row['tflops']:7.1f} TFLOP/s {row['ms']:8.3f} ms" if "tflops" in row else row["error"]))
+        for name in ("attnc", "attnc_default"):
+            if name in outputs:
+                reference = next((outputs[p] for p in ("cudnn", "fa2", "flex") if p in outputs), None)
+                attnc_row = next(r for r in results if r["case"] == case.name and r["peer"] == name)
+                attnc_row["max_diff"] = None if reference is None else max(
+                    (a - b).abs().max().item() for a, b in zip(outputs[name], reference))
+        del qs, ks, vs, douts, outputs
+        torch.cuda.empty_cache()
     return results
-
-
-def _requires_grad(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [t.requires_grad_() for t in tensors]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,17 +185,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default="attnc,cudnn,fa2,flex", help="comma-separated (default: all)")
     parser.add_argument("--cases", default="", help="only cases whose name contains one of these (comma-separated)")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tune", action="store_true",
+                        help="tune attnc's forward per case first and time the default config beside the tuned one")
+    parser.add_argument("--tune-budget", type=float, default=60.0, help="seconds per case's tuning (default 60)")
+    parser.add_argument("--tune-candidates", type=int, default=None, help="configs per case at most (default all)")
     parser.add_argument("--out", default="bench-results", help="directory for JSON, markdown and PNG")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("attnc bench needs a CUDA GPU; none is visible")
         return 2
-    cases = forward_cases(quick=args.quick)
+    if args.tune and args.backward:
+        parser.error("--tune tunes the forward; run it without --backward")
+    cases = backward_cases(quick=args.quick) if args.backward else forward_cases(quick=args.quick)
     if args.cases:
         wanted = [w.strip() for w in args.cases.split(",")]
         cases = [c for c in cases if any(w in c.name for w in wanted)]
-    run = run_backward if args.backward else run_forward
-    results = run(cases, args.peers.split(","), repeats=args.repeats)
+    peers = [p.strip() for p in args.peers.split(",")]
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        parser.error(f"unknown peer(s) {unknown}; known: {', '.join(PEERS)}")
+    results = run(cases, peers, backward=args.backward, repeats=args.repeats, tune=args.tune,
+                  tune_budget_s=args.tune_budget, tune_candidates=args.tune_candidates)
     direction = "Backward" if args.backward else "Forward"
     title = f"{direction}, {torch.cuda.get_device_name()}, bf16, medians of {args.repeats}"
     print(report.write(results, Path(args.out), "bwd" if args.backward else "fwd", title))

@@ -51,3 +51,29 @@ def test_report_writes_json_markdown_and_plot(tmp_path):
     assert "cudnn on alibi: SDPA has no argument" in text and report.CONVENTION in text
     assert json.loads((tmp_path / "fwd.json").read_text()) == rows
     assert (tmp_path / "fwd.png").stat().st_size > 1000
+
+
+def test_report_of_a_tuned_run_shows_the_gain_the_configs_and_first_call(tmp_path):
+    rows = [
+        {"case": "causal", "peer": "attnc", "tflops": 630.0, "setup_ms": 200.0, "peak_mib": 2.0, "max_diff": 1e-3,
+         "tune_s": 41.7, "tuned_config": "m128n176s2t256", "default_config": "m128n128s2t256",
+         "first_call_s": 0.41, "torch_dynamo_import_s": 0.6},
+        {"case": "causal", "peer": "attnc_default", "tflops": 600.0, "setup_ms": 150.0, "peak_mib": 2.0},
+        {"case": "causal", "peer": "cudnn", "tflops": 600.0, "setup_ms": 0.0},
+    ]
+    text = report.markdown(rows, "tuned")
+    assert "| case | attnc | attnc default | cuDNN SDPA | attnc / cuDNN SDPA | tuned / default |" in text
+    assert ("| causal | 630 | 600 | 600 | 1.05× | 1.05× | m128n128s2t256 → m128n176s2t256 | 42 | 0.41 | 0.2 |"
+            in text)
+    assert "plus 0.60 s once per process" in text
+
+
+def test_backward_cases_add_a_learned_relative_bias_shared_by_attnc_and_flex():
+    from attnc.bench.cases import backward_cases
+
+    case = backward_cases()[-1]
+    (table,) = case.learned(torch.device("cpu"))
+    assert table.requires_grad and table.shape == (32, 2 * case.seq - 1)
+    assert case.spec(torch.device("cpu")).captured_tensors()["table"] is table
+    score = case.flex_score(torch.device("cpu"))(torch.tensor(1.0), 0, 3, torch.tensor(5), torch.tensor(2))
+    assert score.item() == (1.0 + table[3, 2 - 5 + case.seq - 1]).item()
