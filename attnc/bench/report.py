@@ -51,10 +51,11 @@ def markdown(results: list[dict], title: str) -> str:
         cells.append(f"{ours['peak_mib']:.0f}" if ours else "—")
         cells.append(f"{ours['max_diff']:.1e}" if ours and ours.get("max_diff") is not None else "—")
         lines.append("| " + " | ".join(cells) + " |")
-    dynamo = next((r["torch_dynamo_import_s"] for r in results if r.get("torch_dynamo_import_s")), None)
-    if dynamo is not None:
-        lines += ["", (f"First call: plus {dynamo:.2f} s once per process for torch's `torch._dynamo` import, which "
-                       "torch.library's custom-op dispatch triggers on its first use.")]
+    imports = next((r["one_time_imports_s"] for r in results if r.get("one_time_imports_s")), None)
+    if imports:
+        once = ", ".join(f"`{module}` {seconds:.2f} s" for module, seconds in imports.items())
+        lines += ["", f"First call (a fresh process, kernel on disk, tuning entry present): plus, once per process, "
+                      f"the imports any first op pays: {once}."]
     errors = [r for r in results if r.get("error")]
     if errors:
         lines += ["", "Not measured: " + "; ".join(f"{r['peer']} on {r['case']}: {r['error']}" for r in errors)]

@@ -80,13 +80,14 @@ def tune_cases(cases: list[Case], dtype: torch.dtype, budget_s: float, max_candi
         summary[case.name] = {"tune_s": result.seconds, "timed": result.count("timed"),
                               "candidates": len(result.candidates), "tuned_config": result.best.short(),
                               "default_config": result.default.short(), "tune_best_ms": result.ms,
-                              "tune_default_ms": result.default_ms}
+                              "tune_default_ms": result.default_ms,
+                              "tune_candidates": [(c.config.short(), c.status, c.ms) for c in result.candidates]}
     return summary
 
 
-def first_calls(cases: list[Case], log=print) -> dict[str, float]:
-    """Compile + first call per case, measured in a fresh process (`attnc.bench.first_call`); the one-time
-    ``torch._dynamo`` import under the key ``'torch._dynamo import'``."""
+def first_calls(cases: list[Case], log=print) -> dict:
+    """Compile + first call per case, measured in a fresh process (`attnc.bench.first_call`); the one-time imports
+    under the key ``'imports'``."""
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, "-m", "attnc.bench.first_call", *(c.name for c in cases)], env=env,
@@ -97,8 +98,8 @@ def first_calls(cases: list[Case], log=print) -> dict[str, float]:
     seconds = {}
     for line in done.stdout.splitlines():
         record = json.loads(line)
-        if "torch_dynamo_import_s" in record:
-            seconds["torch._dynamo import"] = record["torch_dynamo_import_s"]
+        if "one_time_imports_s" in record:
+            seconds["imports"] = record["one_time_imports_s"]
         else:
             seconds[record["case"]] = record["first_call_s"]
     return seconds
@@ -158,7 +159,7 @@ def run(cases: list[Case], peers: list[str], *, backward: bool = False, dtype: t
                     row.update(tuned.get(case.name, {}))
                     if case.name in first_call:
                         row["first_call_s"] = first_call[case.name]
-                        row["torch_dynamo_import_s"] = first_call.get("torch._dynamo import")
+                        row["one_time_imports_s"] = first_call.get("imports")
             except NotApplicable as reason:
                 row["error"] = str(reason)
             except Exception as error:  # a failing peer is reported, not fatal to the run
