@@ -22,18 +22,19 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import IO
 
-from attnc.codegen.cache import cache_dir, versions
+from attnc.codegen.cache import cache_dir
 from attnc.errors import InputError
 from attnc.schedules.config import KernelConfig
+from attnc.schedules.records import (
+    KEY_COLUMNS, TuningEntry, TuningKey, check_ms, config_from_obj, optional_count, optional_number,
+)
 
 try:  # POSIX advisory locks; elsewhere sqlite's own locking is all there is.
     import fcntl
@@ -45,9 +46,6 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 """Bump when the table layout changes; a file with another version is rebuilt."""
 
-EXPORT_FORMAT = 1
-"""The ``format`` field of every exported JSON line."""
-
 BUSY_TIMEOUT_MS = 30_000
 """How long a writer waits for another process's transaction before giving up."""
 
@@ -56,188 +54,7 @@ def default_path() -> Path:
     return cache_dir() / "tuning.sqlite"
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-    """The shape bucket of a length: the next power of two at or above ``n``, and at least ``minimum``.
-
-    ``bucket(1) == 16``, ``bucket(1000) == 1024``, ``bucket(1024) == 1024``, ``bucket(1025) == 2048``.
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise InputError(f"a shape bucket needs a non-negative integer length, got {n!r}")
-    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 1:
-        raise InputError(f"bucket's minimum must be a positive integer, got {minimum!r}")
-    return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
-@dataclass(frozen=True)
-class TuningKey:
-    """What a tuned config is valid for.
-
-    spec_key: the IR's hash (`AttentionIR.key`); family: the template family (``'fwd'``, ``'decode'``, …);
-    gpu: the device name (``'NVIDIA H200'``, or ``'cpu'``); capability: the compute capability (``'9.0'``, or
-    ``'cpu'``); dtype: the input dtype (``'bfloat16'``); q_bucket, kv_bucket: the query and key lengths' buckets;
-    bh_bucket: the bucket of batch × q heads; attnc_version, tilelang_version: the versions that built the kernel.
-    Use `TuningKey.make` to bucket raw lengths and fill in the versions.
-    """
-
-    spec_key: str
-    family: str
-    gpu: str
-    capability: str
-    dtype: str
-    q_bucket: int
-    kv_bucket: int
-    bh_bucket: int
-    attnc_version: str
-    tilelang_version: str
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name.endswith("_bucket"):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise InputError(f"TuningKey.{f.name} must be a positive integer, got {value!r}")
-            elif not isinstance(value, str) or not value:
-                raise InputError(f"TuningKey.{f.name} must be a non-empty string, got {value!r}")
-
-    @classmethod
-    def make(
-        cls,
-        spec_key: str,
-        family: str,
-        *,
-        gpu: str,
-        capability: str,
-        dtype: str,
-        q_len: int,
-        kv_len: int,
-        batch_heads: int,
-        attnc_version: str | None = None,
-        tilelang_version: str | None = None,
-    ) -> TuningKey:
-        """A key from raw lengths (bucketed: lengths with `bucket`, batch × heads with ``bucket(n, minimum=1)``).
-
-        The versions default to the installed ones (`versions`).
-        """
-        current_attnc, current_tilelang = versions()
-        return cls(
-            spec_key=spec_key,
-            family=family,
-            gpu=gpu,
-            capability=capability,
-            dtype=dtype,
-            q_bucket=bucket(q_len),
-            kv_bucket=bucket(kv_len),
-            bh_bucket=bucket(batch_heads, minimum=1),
-            attnc_version=attnc_version or current_attnc,
-            tilelang_version=tilelang_version or current_tilelang,
-        )
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def short(self) -> str:
-        """A readable label: ``fwd/NVIDIA H200/bfloat16/q4096 kv4096 bh128/3f2a…``."""
-        return (
-            f"{self.family}/{self.gpu}/{self.dtype}/q{self.q_bucket} kv{self.kv_bucket} bh{self.bh_bucket}/"
-            f"{self.spec_key[:12]}"
-        )
-
-
-_KEY_COLUMNS = tuple(f.name for f in fields(TuningKey))
-
-
-@dataclass(frozen=True)
-class TuningEntry:
-    """One row: the best config for ``key``, its median time (ms), its TFLOP/s, when it was measured (Unix time)
-    and how many candidates the tuner tried."""
-
-    key: TuningKey
-    config: KernelConfig
-    ms: float
-    tflops: float | None = None
-    timestamp: float = 0.0
-    candidates: int | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "format": EXPORT_FORMAT,
-                "key": self.key.as_dict(),
-                "config": json.loads(self.config.to_json()),
-                "ms": self.ms,
-                "tflops": self.tflops,
-                "timestamp": self.timestamp,
-                "candidates": self.candidates,
-            },
-            sort_keys=True,
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> TuningEntry:
-        """Parse one exported line; raises `InputError` saying what is wrong."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"not JSON ({exc.msg})") from None
-        if not isinstance(data, dict):
-            raise InputError("not a JSON object")
-        if data.get("format") != EXPORT_FORMAT:
-            raise InputError(f"format {data.get('format')!r}, expected {EXPORT_FORMAT}")
-        key_data = data.get("key")
-        if not isinstance(key_data, dict) or set(key_data) != set(_KEY_COLUMNS):
-            raise InputError(f"'key' must be an object with exactly the fields {', '.join(_KEY_COLUMNS)}")
-        key = TuningKey(**key_data)
-        config = _config_from_obj(data.get("config"))
-        return cls(
-            key=key,
-            config=config,
-            ms=_check_ms(data.get("ms")),
-            tflops=_optional_number(data.get("tflops"), "tflops"),
-            timestamp=_optional_number(data.get("timestamp"), "timestamp") or 0.0,
-            candidates=_optional_count(data.get("candidates")),
-        )
-
-
-def _config_from_obj(obj: object) -> KernelConfig:
-    if not isinstance(obj, dict):
-        raise InputError("'config' must be a JSON object")
-    known = {f.name: f for f in fields(KernelConfig)}
-    values = {}
-    for name, value in obj.items():
-        if name not in known:
-            continue
-        if name == "pack_gqa":
-            if not isinstance(value, bool):
-                raise InputError(f"config.pack_gqa must be true or false, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"config.{name} must be a positive integer, got {value!r}")
-        values[name] = value
-    return KernelConfig(**values)
-
-
-def _check_ms(ms: object) -> float:
-    if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms) or ms <= 0:
-        raise InputError(f"a measured time must be a finite number of milliseconds > 0, got {ms!r}")
-    return float(ms)
-
-
-def _optional_number(value: object, name: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number or null, got {value!r}")
-    return float(value)
-
-
-def _optional_count(value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InputError(f"candidates must be a non-negative integer or null, got {value!r}")
-    return value
-
-
-_TUNING_COLUMNS = (*_KEY_COLUMNS, "config", "ms", "tflops", "timestamp", "candidates")
+_TUNING_COLUMNS = (*KEY_COLUMNS, "config", "ms", "tflops", "timestamp", "candidates")
 
 _SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -257,20 +74,20 @@ CREATE TABLE tuning (
     tflops REAL,
     timestamp REAL NOT NULL,
     candidates INTEGER,
-    PRIMARY KEY ({", ".join(_KEY_COLUMNS)})
+    PRIMARY KEY ({", ".join(KEY_COLUMNS)})
 );
 INSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
 """
 
 _UPSERT = f"""
 INSERT INTO tuning ({", ".join(_TUNING_COLUMNS)}) VALUES ({", ".join("?" for _ in _TUNING_COLUMNS)})
-ON CONFLICT ({", ".join(_KEY_COLUMNS)}) DO UPDATE SET
+ON CONFLICT ({", ".join(KEY_COLUMNS)}) DO UPDATE SET
     config = excluded.config, ms = excluded.ms, tflops = excluded.tflops,
     timestamp = excluded.timestamp, candidates = excluded.candidates
 WHERE excluded.ms < tuning.ms
 """
 
-_KEY_WHERE = " AND ".join(f"{c} = ?" for c in _KEY_COLUMNS)
+_KEY_WHERE = " AND ".join(f"{c} = ?" for c in KEY_COLUMNS)
 
 # sqlite messages that mean the file cannot be trusted (as opposed to "database is locked").
 _CORRUPT_MARKERS = ("malformed", "not a database", "corrupt", "no such table", "no such column", "disk i/o error")
@@ -332,16 +149,16 @@ class TuningDatabase:
         entry = TuningEntry(
             key=key,
             config=config,
-            ms=_check_ms(ms),
-            tflops=_optional_number(tflops, "tflops"),
+            ms=check_ms(ms),
+            tflops=optional_number(tflops, "tflops"),
             timestamp=time.time() if timestamp is None else float(timestamp),
-            candidates=_optional_count(candidates),
+            candidates=optional_count(candidates),
         )
         return self._write(lambda c: c.execute(_UPSERT, _entry_values(entry)).rowcount) > 0
 
     def entries(self) -> list[TuningEntry]:
         """Every readable entry, ordered by key."""
-        rows = self._run(lambda c: c.execute(f"SELECT * FROM tuning ORDER BY {', '.join(_KEY_COLUMNS)}").fetchall())
+        rows = self._run(lambda c: c.execute(f"SELECT * FROM tuning ORDER BY {', '.join(KEY_COLUMNS)}").fetchall())
         result = []
         for row in rows:
             try:
@@ -596,7 +413,7 @@ def _schema_problem(conn: sqlite3.Connection, tables: set[str]) -> str | None:
 
 
 def _key_values(key: TuningKey) -> tuple:
-    return tuple(getattr(key, c) for c in _KEY_COLUMNS)
+    return tuple(getattr(key, c) for c in KEY_COLUMNS)
 
 
 def _entry_values(entry: TuningEntry) -> tuple:
@@ -612,12 +429,12 @@ def _entry_values(entry: TuningEntry) -> tuple:
 
 def _entry_from_row(row: tuple) -> TuningEntry:
     values = dict(zip(_TUNING_COLUMNS, row))
-    key = TuningKey(**{c: values[c] for c in _KEY_COLUMNS})
-    config = _config_from_obj(json.loads(values["config"]))
+    key = TuningKey(**{c: values[c] for c in KEY_COLUMNS})
+    config = config_from_obj(json.loads(values["config"]))
     return TuningEntry(
         key=key,
         config=config,
-        ms=_check_ms(values["ms"]),
+        ms=check_ms(values["ms"]),
         tflops=values["tflops"],
         timestamp=values["timestamp"],
         candidates=values["candidates"],

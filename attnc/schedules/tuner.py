@@ -49,7 +49,8 @@ import torch
 from attnc.errors import AttncError, InputError, UnsupportedError
 from attnc.schedules import timing
 from attnc.schedules.config import KernelConfig
-from attnc.schedules.database import TuningDatabase, TuningKey
+from attnc.schedules.database import TuningDatabase
+from attnc.schedules.records import TuningKey
 from attnc.schedules.harness import Harness, InputsArg
 
 log = logging.getLogger(__name__)
@@ -470,7 +471,7 @@ def check_tune_options(options: Mapping | None) -> dict:
 
 def dispatch_slot(ir, dtype: torch.dtype, batch: int, q_len: int, kv_len: int) -> tuple:
     """The in-memory dispatch key of a call: (dtype, q bucket, kv bucket, batch × q heads bucket)."""
-    from attnc.schedules.database import bucket
+    from attnc.schedules.records import bucket
 
     return dtype, bucket(q_len), bucket(kv_len), bucket(max(1, batch * ir.q_heads), minimum=1)
 

@@ -10,16 +10,9 @@ import pytest
 
 from attnc.errors import InputError
 from attnc.schedules.config import KernelConfig
-from attnc.schedules.database import (
-    SCHEMA_VERSION,
-    TuningDatabase,
-    TuningEntry,
-    TuningKey,
-    bucket,
-    cache_dir,
-    default_path,
-    versions,
-)
+from attnc.codegen.cache import cache_dir, versions
+from attnc.schedules.database import SCHEMA_VERSION, TuningDatabase, default_path
+from attnc.schedules.records import TuningEntry, TuningKey, bucket
 
 A = KernelConfig(block_m=128, block_n=128, stages=2, threads=256)
 B = KernelConfig(block_m=192, block_n=128, stages=2, threads=384)
