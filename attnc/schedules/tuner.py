@@ -6,8 +6,8 @@ target, keep the fastest and record it in the tuning database.
 1. **Candidates.** The default heuristic's config first (so every run measures the baseline), then the space of the
    family on the target's architecture (`space.space`, pruned by the resource model), nearest to the default first,
    at most ``max_candidates`` of them.
-2. **Builds** run in ``workers`` spawned processes (`ProcessPoolExecutor`, spawn context), which only render and
-   build into the disk cache; the parent then loads each kernel from that cache (~0.1 s). A build that fails is
+2. **Builds** run in ``workers`` spawned processes (`ProcessPoolExecutor`, spawn context, kept for later tunings
+   in the same process), which only render and build into the disk cache; the parent then loads each kernel from that cache (~0.1 s). A build that fails is
    logged and skipped; a worker process that dies is replaced (twice at most). Configs this process has loaded
    before (an earlier bucket of the same spec) need no worker.
 3. **Check.** Each loaded kernel runs on one small random input (at most ``harness.CHECK_LEN`` per length, batch
@@ -31,6 +31,7 @@ The tuner runs the forward families (``fwd``, ``cpu_fwd``), whose kernels are ca
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import logging
@@ -201,8 +202,7 @@ def _builds(jobs: dict[int, KernelConfig], ready: Sequence[int], family, ir, dty
     cache = str(cache_dir())
     restarts = 0
     while pending:
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(pending)),
-                                   mp_context=multiprocessing.get_context("spawn"))
+        pool = _pool(workers)
         futures = {pool.submit(_build_worker, family, ir, c, dtype_name, target, cache): i for i, c in pending.items()}
         broken = False
         try:
@@ -226,7 +226,10 @@ def _builds(jobs: dict[int, KernelConfig], ready: Sequence[int], family, ir, dty
                     pending.pop(index)
                     yield index, error, seconds
         finally:
-            _shutdown(pool)
+            for future in futures:  # what has not started is dropped; a build under way finishes into the cache
+                future.cancel()
+            if broken:
+                _drop_pool(workers)
         if not broken:
             return
         restarts += 1
@@ -236,6 +239,30 @@ def _builds(jobs: dict[int, KernelConfig], ready: Sequence[int], family, ir, dty
                               "without an `if __name__ == '__main__':` guard)"), 0.0
             return
         log.warning("a build worker process died; restarting the pool for %d candidates", len(pending))
+
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """The build pool of ``workers`` spawned processes, kept for the process's later tunings (a worker's start,
+    importing torch and tilelang, takes seconds); ended at exit."""
+    if workers not in _POOLS:
+        if not _POOLS:
+            atexit.register(_shutdown_pools)
+        _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return _POOLS[workers]
+
+
+def _drop_pool(workers: int) -> None:
+    pool = _POOLS.pop(workers, None)
+    if pool is not None:
+        _shutdown(pool)
+
+
+def _shutdown_pools() -> None:
+    for workers in list(_POOLS):
+        _drop_pool(workers)
 
 
 def _shutdown(pool: ProcessPoolExecutor) -> None:
@@ -401,7 +428,7 @@ def tune(
     try:
         built_before = [i for i, c in enumerate(ordered) if (ir.key, family, dtype_name, target, c) in _BUILT]
         jobs = {i: c for i, c in enumerate(ordered) if i not in built_before}
-        builds = _builds(jobs, built_before, family, ir, dtype_name, target, min(workers, len(jobs)), stop_at,
+        builds = _builds(jobs, built_before, family, ir, dtype_name, target, workers, stop_at,
                          lambda config: op.kernel(dtype, config).build())
         with contextlib.closing(builds):  # closing ends the worker processes, on an error too
             for index, error, build_s in builds:

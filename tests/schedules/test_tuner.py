@@ -98,6 +98,13 @@ def test_tune_records_the_fastest_valid_candidate_and_dispatch_uses_it(tmp_path)
     assert f"config={result.best.short()} (database)" in repr(op)
     assert (torch.float32, result.best) in op._kernels
 
+    # A later tuning in this process reuses the build processes (their start, importing torch, costs seconds).
+    pool = tuner._POOLS[2]
+    other = attnc.Attention(2, qk_dim=16, mask_mod=attnc.mods.sliding_window(7), name="tuner_pool_reuse")
+    again = tuner.tune(other, target="cpu", batch=1, q_len=48, configs=SPACE[:2], workers=2, database=db_path,
+                       progress=False, reps=3)
+    assert again.count("timed") == 2 and tuner._POOLS[2] is pool
+
     # A second compile with tune=True finds the entry and does not tune again.
     def no_tuning(*args, **kwargs):
         raise AssertionError("tuned although the database has an entry")
