@@ -73,7 +73,6 @@ class KernelContext:
     scale: float
     score_expr: str
     mask_expr: str
-    has_score_mod: bool
     kv_begin: str
     kv_end: str
     full_begin: str
@@ -136,7 +135,6 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
         scale=ir.scale,
         score_expr=text(score),
         mask_expr=text(mask) if ir.has_mask else "",
-        has_score_mod=ir.has_score_mod,
         kv_begin=text(tilemap.kv_begin),
         kv_end=text(tilemap.kv_end),
         full_begin=text(tilemap.full_begin),
@@ -164,16 +162,19 @@ def _element_loop(score: sympy.Expr, scale: float, hoisted, names: dict, tensors
     qk itself) and the per-row / per-column vectors to fill (in ``i`` / ``j``, after the caches they read)."""
     rewritten = rewrite_score(score, scale, [r.symbol for r in hoisted if r.level == "row"],
                               [r.symbol for r in hoisted if r.level == "column"])
+
+    def text(expr, extra) -> str:
+        out = print_expr(expr, {**names, **extra}, tensors, fast_tanh=True)
+        return f'T.cast({out}, "float32")' if expr.is_integer else out
+
     vectors = []
     for cache, level, expr, extra in (("score_row", "row", rewritten.row, {ROW_OFFSET: "i"}),
                                       ("score_column", "column", rewritten.column,
                                        {Q_BASE: f"(q_tile * {block_m})"})):
         if expr != 0:
-            value = print_expr(expr, {**names, **extra}, tensors, fast_tanh=True)
-            vectors.append(CacheFill(cache, level, "float32", value, 'T.cast(0, "float32")'))
-    element = "" if rewritten.element == QK else print_expr(
-        rewritten.element, {**names, QK: "qk", ROW: "score_row[i]", COLUMN: "score_column[j]"}, tensors,
-        fast_tanh=True)
+            vectors.append(CacheFill(cache, level, "float32", text(expr, extra), 'T.cast(0, "float32")'))
+    element = "" if rewritten.element == QK else text(
+        rewritten.element, {QK: "qk", ROW: "score_row[i]", COLUMN: "score_column[j]"})
     return float(rewritten.fold), element, vectors
 
 

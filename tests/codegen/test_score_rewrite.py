@@ -167,3 +167,10 @@ def test_the_cuda_forward_fills_alibi_vectors_once_per_tile():
     assert "acc_s[i, j] = (qk + score_column[j] + score_row[i])" in source
     assert source.count("score_row[i] = ") == 1 and source.count("score_column[j] = ") == 2  # first and later tiles
     assert 'T.cast((kv_idx + (-(q_tile * 128))), "float32")' in source
+
+
+def test_integer_vectors_are_cast_to_float():
+    source = _cuda_source(attnc.Attention(HEADS, score_mod=lambda score, b, h, q_idx, kv_idx:
+                                          torch.exp(score) + (q_idx - kv_idx)))
+    assert 'score_row[i] = T.if_then_else(q_idx < q_len, T.cast(i, "float32")' in source
+    assert 'T.cast(((q_tile * 128) + (-kv_idx)), "float32"), T.cast(0, "float32"))' in source
