@@ -91,16 +91,14 @@ def rewrite_score(score: sympy.Expr, scale: float, row_symbols=(), column_symbol
     placed = {"element": [], "row": [], "column": [], "number": []}
     for term in terms:
         term = _divide(term, fold)
-        if _place(term, row_symbols, column_symbols) != "element":
-            placed[_place(term, row_symbols, column_symbols)].append(term)
-            continue
-        parts = sympy.Add.make_args(sympy.expand_mul(term))
-        where = [_place(p, row_symbols, column_symbols) for p in parts]
-        if "element" in where:
+        level = _place(term, row_symbols, column_symbols)
+        parts = sympy.Add.make_args(sympy.expand_mul(term)) if level == "element" else (term,)
+        levels = [_place(p, row_symbols, column_symbols) for p in parts]
+        if "element" in levels:  # distributing would not take it out of the element loop: keep it whole
             placed["element"].append(term)
-        else:
-            for part, level in zip(parts, where):
-                placed[level].append(part)
+            continue
+        for part, part_level in zip(parts, levels):
+            placed[part_level].append(part)
     row, column = _shift_rows_to_tile_base(placed["row"], placed["column"], row_symbols)
     element = sympy.Add(*placed["element"], *placed["number"])
     element += (ROW if row != 0 else 0) + (COLUMN if column != 0 else 0)
