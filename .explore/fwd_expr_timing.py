@@ -95,7 +95,8 @@ def main():
     configs = {name: default_config("fwd", "sm_90a", spec.ir, "bfloat16") for name, spec in specs.items()}
     jobs = [("fwd", spec.ir, configs[name], "bfloat16", target) for name, spec in specs.items()]
     build_errors: list = []
-    builder = threading.Thread(target=lambda: build_errors.extend(build_in_parallel(jobs, min(len(jobs), os.cpu_count() or 1))))
+    workers = min(len(jobs), os.cpu_count() or 1)
+    builder = threading.Thread(target=lambda: build_errors.extend(build_in_parallel(jobs, workers)))
     builder.start()
 
     qs, ks, vs = inputs(device)
