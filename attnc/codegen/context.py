@@ -8,13 +8,13 @@ render (jinja2's StrictUndefined), never renders empty.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import sympy
 
 from attnc.codegen.hoist import hoist
 from attnc.codegen.printer import print_expr
+from attnc.codegen.score_rewrite import COLUMN, Q_BASE, QK, ROW, ROW_OFFSET, rewrite_score
 from attnc.dsl import symbols
 from attnc.dsl.derivative import backward_tiles, read_gradients, score_derivative
 from attnc.dsl.ir import AttentionIR
@@ -46,13 +46,15 @@ class InputBuffer:
 
 @dataclass(frozen=True)
 class CacheFill:
-    """A hoisted tensor read as the template fills it: the cache variable, 'block' / 'row' / 'column', its dtype,
-    the read (TileLang text, in ``b``, ``h``, ``q_idx``, ``kv_idx``) and a zero of its dtype for out-of-range rows."""
+    """A value hoisted out of the element loop as the template fills it: the cache variable, 'block' / 'row' /
+    'column', its dtype, the value (TileLang text, in ``b``, ``h``, ``q_idx``, ``kv_idx``, ``i``, ``j`` and the
+    caches filled before it) and a zero of its dtype for out-of-range rows. A tensor read (`codegen.hoist`) or the
+    score's per-row or per-column vector (`codegen.score_rewrite`)."""
 
     cache: str
     level: str
     dtype: str
-    read: str
+    value: str
     zero: str
 
 
@@ -69,10 +71,8 @@ class KernelContext:
     qk_dim: int
     v_dim: int
     scale: float
-    scale_log2: float
     score_expr: str
     mask_expr: str
-    has_score_mod: bool
     kv_begin: str
     kv_end: str
     full_begin: str
@@ -88,7 +88,11 @@ class KernelContext:
     warp_specialized: bool = False  # sm_90a: producer warpgroup + consumer warpgroups (``threads`` consumers)
     fast_tanh: bool = False  # the score expression calls attnc_fast_tanh; the template defines it
     score_guard: bool = False  # the score reads tensors: evaluate it only for in-bounds (q_idx, kv_idx)
-    caches: tuple[CacheFill, ...] = ()  # cuda: tensor reads hoisted out of the element loop (codegen.hoist)
+    caches: tuple[CacheFill, ...] = ()  # cuda: values hoisted out of the element loop, in the order they fill
+    # cuda forward (codegen.score_rewrite): score = score_fold * acc_s, where the element loop stores score_element
+    # (in ``qk``, the q·k product, ``score_row[i]`` and ``score_column[j]``) into acc_s; "": acc_s keeps qk itself.
+    score_fold: float = 1.0
+    score_element: str = ""
     bwd: BackwardContext | None = None  # set for the backward families (cpu_bwd, bwd) by make_bwd_context
 
 
@@ -111,6 +115,11 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
         value = print_expr(read.read, KERNEL_NAMES, tensors)
         value = value if source == cache_dtype else f'T.cast({value}, "float32")'
         caches.append(CacheFill(read.cache, read.level, cache_dtype, value, f'T.cast(0, "{cache_dtype}")'))
+    fold, element = 1.0, ""
+    if cuda:
+        fold, element, vectors = _element_loop(score, ir.scale, hoisted, {**KERNEL_NAMES, **cache_names}, tensors,
+                                               config.block_m)
+        caches += vectors
 
     return KernelContext(
         kernel_name=kernel_name,
@@ -124,10 +133,8 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
         qk_dim=ir.qk_dim,
         v_dim=ir.v_dim,
         scale=ir.scale,
-        scale_log2=ir.scale * math.log2(math.e),
         score_expr=text(score),
         mask_expr=text(mask) if ir.has_mask else "",
-        has_score_mod=ir.has_score_mod,
         kv_begin=text(tilemap.kv_begin),
         kv_end=text(tilemap.kv_end),
         full_begin=text(tilemap.full_begin),
@@ -144,7 +151,31 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
         fast_tanh=cuda and ir.score.has(sympy.tanh),
         score_guard=bool(score.atoms(sympy.Indexed)),
         caches=tuple(caches),
+        score_fold=fold,
+        score_element=element,
     )
+
+
+def _element_loop(score: sympy.Expr, scale: float, hoisted, names: dict, tensors: dict,
+                  block_m: int) -> tuple[float, str, list[CacheFill]]:
+    """The cuda forward's element loop (`score_rewrite`): the folded factor, the text of what acc_s stores ("" for
+    qk itself) and the per-row / per-column vectors to fill (in ``i`` / ``j``, after the caches they read)."""
+    rewritten = rewrite_score(score, scale, [r.symbol for r in hoisted if r.level == "row"],
+                              [r.symbol for r in hoisted if r.level == "column"])
+
+    def text(expr, extra) -> str:
+        out = print_expr(expr, {**names, **extra}, tensors, fast_tanh=True)
+        return f'T.cast({out}, "float32")' if expr.is_integer else out
+
+    vectors = []
+    for cache, level, expr, extra in (("score_row", "row", rewritten.row, {ROW_OFFSET: "i"}),
+                                      ("score_column", "column", rewritten.column,
+                                       {Q_BASE: f"(q_tile * {block_m})"})):
+        if expr != 0:
+            vectors.append(CacheFill(cache, level, "float32", text(expr, extra), 'T.cast(0, "float32")'))
+    element = "" if rewritten.element == QK else text(
+        rewritten.element, {QK: "qk", ROW: "score_row[i]", COLUMN: "score_column[j]"})
+    return float(rewritten.fold), element, vectors
 
 
 @dataclass(frozen=True)

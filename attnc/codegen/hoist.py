@@ -22,13 +22,14 @@ class HoistedRead:
     """One tensor read moved out of the element loop: the cache it lands in, the read, and where it is computed.
 
     ``level`` is 'block' (once per kernel block), 'row' (per query row of the q tile, indexed by ``i``) or 'column'
-    (per key of the kv tile, indexed by ``j``).
+    (per key of the kv tile, indexed by ``j``). ``symbol`` stands for the cache in the rewritten expressions.
     """
 
     cache: str
     read: sympy.Indexed
     level: str
     integer: bool
+    symbol: sympy.Symbol
 
 
 def _level(read: sympy.Indexed) -> str | None:
@@ -60,5 +61,5 @@ def hoist(*exprs: sympy.Basic) -> tuple[tuple[sympy.Basic, ...], tuple[HoistedRe
         symbol = sympy.Symbol(cache, integer=True) if integer else sympy.Symbol(cache, real=True)
         replace[read] = symbol
         names[symbol] = {"block": cache, "row": f"{cache}[i]", "column": f"{cache}[j]"}[level]
-        hoisted.append(HoistedRead(cache, read, level, integer))
+        hoisted.append(HoistedRead(cache, read, level, integer, symbol))
     return tuple(e.xreplace(replace) for e in exprs), tuple(hoisted), names
