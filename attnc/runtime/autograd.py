@@ -10,8 +10,10 @@ Kernels, per (compiled op, dtype, gradients wanted, dQ mode):
 
 - cpu (``cpu_bwd``): one kernel, scalar loops (see the template's header).
 - cuda (``bwd``, FlashAttention-2 style): ``pre`` (delta and per-q-tile sink-gradient partials), ``main`` (one block
-  per kv tile and kv head, looping over the q heads of its group and the q tiles of the kv-side tile map: dK, dV
-  written once, no atomics; captured-tensor gradients by atomics), and for dQ either
+  per kv tile and q head, over the q tiles of the kv-side tile map; warp-specialised with asynchronous wgmma on
+  sm_90a; captured-tensor gradients by atomics; dK, dV written once without GQA, else summed over the q heads of a
+  group: fp32 atomics, or per-q-head fp32 partials summed here in a fixed order when dQ is ``separate``), and for dQ
+  either
   ``dq_mode="atomic"``: the main kernel adds dS K into an fp32 buffer with atomics and ``post`` converts it, or
   ``dq_mode="separate"``: a ``dq`` kernel per q tile over the forward's tile map, no atomics.
   ``attnc.compile(..., deterministic=True)`` selects ``separate``: dQ, dK, dV and dsinks are then the same bits on
@@ -32,7 +34,7 @@ import torch
 
 from attnc.codegen import build, render
 from attnc.codegen.cache import derive_key, versions
-from attnc.codegen.context import make_bwd_context
+from attnc.codegen.context import dkv_mode, make_bwd_context
 from attnc.dsl.derivative import read_gradients
 from attnc.dsl.ir import AttentionIR
 from attnc.errors import UnsupportedError
@@ -86,7 +88,7 @@ class Backward:
                 "versions": versions(),
             })
             ctx = make_bwd_context(family, f"attnc_{family}_{name}", ir, config, self.dtype, name,
-                                   self.dq_mode, self.grads)
+                                   self.dq_mode, self.grads, self.target.arch)
             self.stages[name] = BuiltKernel(family, key, render.render(ctx), self.target)
         return self.stages[name]
 
@@ -109,8 +111,8 @@ class Backward:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), grads, dsinks
         dlse = torch.zeros_like(lse) if dlse is None else dlse.to(torch.float32).contiguous()
         delta = torch.empty((batch, ir.q_heads, q_len), **f32)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
         if self.target.kind == "cpu":
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
             dq = torch.empty(q.shape, **f32)
             self.stage("main")(q, k, v, *extras, out, lse, dout, dlse, delta, dq, dk, dv, *grads.values(),
                                *([dsinks] if ir.sinks else []))
@@ -121,16 +123,40 @@ class Backward:
                           *([sink_parts] if ir.sinks else []))
         if ir.sinks:
             dsinks = sink_parts.sum(-1)
+        dk_out, dv_out = self._dkv_buffers(k, v)
         if self.dq_mode == "atomic":
             dq_acc = torch.zeros(q.shape, **f32)
-            self.stage("main")(q, k, v, *extras, lse, dout, delta, dq_acc, dk, dv, *grads.values())
+            self.stage("main")(q, k, v, *extras, lse, dout, delta, dq_acc, dk_out, dv_out, *grads.values())
             dq = torch.empty_like(q)
             self.stage("post")(dq_acc, dq)
         else:
-            self.stage("main")(q, k, v, *extras, lse, dout, delta, dk, dv, *grads.values())
+            self.stage("main")(q, k, v, *extras, lse, dout, delta, dk_out, dv_out, *grads.values())
             dq = torch.empty_like(q)
             self.stage("dq")(q, k, v, *extras, lse, dout, delta, dq)
-        return dq, dk, dv, grads, dsinks
+        return dq, self._finish_dkv(dk_out, k), self._finish_dkv(dv_out, v), grads, dsinks
+
+    def _dkv_buffers(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cuda main kernel writes dK, dV into (see `attnc.codegen.context.dkv_mode`)."""
+        mode = dkv_mode(self.ir, self.dq_mode)
+        if mode == "direct":
+            return torch.empty_like(k), torch.empty_like(v)
+        if mode == "atomic":
+            return torch.zeros(k.shape, dtype=torch.float32, device=k.device), \
+                torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        heads_dim = 2 if self.ir.layout == "bshd" else 1
+        per_head = [list(t.shape) for t in (k, v)]
+        for shape in per_head:
+            shape[heads_dim] = self.ir.q_heads
+        return tuple(torch.empty(shape, dtype=torch.float32, device=k.device) for shape in per_head)
+
+    def _finish_dkv(self, out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """dK or dV in ``like``'s dtype: partials summed over each group's q heads (in a fixed order), cast."""
+        if out.shape != like.shape:  # per q head: (.., kv_heads * group, ..) -> sum over the group
+            heads_dim = 2 if self.ir.layout == "bshd" else 1
+            shape = list(like.shape)
+            shape[heads_dim:heads_dim + 1] = [self.ir.kv_heads, self.ir.group]
+            out = out.view(shape).sum(heads_dim + 1)
+        return out.to(like.dtype)
 
 
 _BACKWARDS: dict[tuple, Backward] = {}
