@@ -159,6 +159,35 @@ class Backward:
         return out.to(like.dtype)
 
 
+def _build_stage(job: tuple, cache: str) -> str | None:
+    import os
+
+    os.environ["ATTNC_CACHE_DIR"] = cache
+    *fields, name = job
+    try:
+        Backward(*fields).stage(name).build()
+    except Exception as error:  # reported to the caller, which decides
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def build_in_parallel(backwards: list[Backward], workers: int) -> dict[tuple[int, str], str | None]:
+    """Build every stage of every backward in ``workers`` spawned processes into this process's cache (a later
+    build here loads from disk); ``{(index in backwards, stage): error text or None}``."""
+    import concurrent.futures
+    import multiprocessing
+
+    from attnc.codegen.cache import cache_dir
+
+    keys = [(i, name) for i, b in enumerate(backwards) for name in b.stage_names()]
+    jobs = [(b.ir, b.target, b.dtype, b.grads, b.dq_mode, b.config, name)
+            for b in backwards for name in b.stage_names()]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context) as pool:
+        errors = list(pool.map(_build_stage, jobs, [str(cache_dir())] * len(jobs)))
+    return dict(zip(keys, errors))
+
+
 _BACKWARDS: dict[tuple, Backward] = {}
 
 
