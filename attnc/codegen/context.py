@@ -193,9 +193,10 @@ def dkv_mode(ir: AttentionIR, dq_mode: str) -> str:
 
 def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: KernelConfig, dtype: str,
                      stage: str = "main", dq_mode: str = "atomic", grads: tuple[str, ...] = (),
-                     arch: str = "") -> KernelContext:
+                     warp_specialized: bool = False) -> KernelContext:
     """The context of a backward kernel: the forward's (tile map included, for the dQ pass) and `BackwardContext`.
-    ``grads`` names the float inputs whose gradients the kernel computes; ``arch`` the cuda architecture."""
+    ``grads`` names the float inputs whose gradients the kernel computes; ``warp_specialized``: sm_90a's main
+    kernel structure."""
     ctx = make_context(family, kernel_name, ir, analyse(ir.mask, config.block_m, config.block_n), config, dtype)
     inputs = {t.name: t for t in ctx.inputs}
     tensors = {t.name: t.buffer for t in ctx.inputs}
@@ -223,7 +224,7 @@ def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: Ker
         stage=stage,
         dq_mode=dq_mode,
         dkv_mode=dkv_mode(ir, dq_mode),
-        warp_specialized=arch == "sm_90a",
+        warp_specialized=warp_specialized,
         score_grad="" if d_score == 1 else text(d_score),
         grad_buffers=tuple(buffers),
         grad_terms=tuple(terms),

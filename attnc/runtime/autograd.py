@@ -49,7 +49,8 @@ DQ_MODES = ("atomic", "separate")
 @dataclass
 class Backward:
     """The backward kernels of one compiled op for one dtype, set of input gradients (``grads``: names of float
-    inputs read by the score_mod) and dQ mode."""
+    inputs read by the score_mod) and dQ mode. ``warp_specialized`` (cuda main kernel; default: on sm_90a) picks
+    the Hopper structure (TMA producer, asynchronous wgmma) over the T.Pipelined one that sm_80 runs."""
 
     ir: AttentionIR
     target: build.Target
@@ -57,7 +58,14 @@ class Backward:
     grads: tuple[str, ...]
     dq_mode: str
     config: KernelConfig
+    warp_specialized: bool | None = None
     stages: dict[str, BuiltKernel] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.warp_specialized is None:
+            self.warp_specialized = self.target.arch == "sm_90a"
+        if self.warp_specialized and self.target.arch != "sm_90a":
+            raise UnsupportedError(f"warp_specialized=True needs the sm_90a target; got {self.target.label}")
 
     @property
     def family(self) -> str:
@@ -85,10 +93,11 @@ class Backward:
                 "stage": name,
                 "dq_mode": self.dq_mode if self.target.kind == "cuda" else "serial",  # cpu: one serial kernel
                 "grads": list(self.grads),
+                "warp_specialized": self.warp_specialized,
                 "versions": versions(),
             })
             ctx = make_bwd_context(family, f"attnc_{family}_{name}", ir, config, self.dtype, name,
-                                   self.dq_mode, self.grads, self.target.arch)
+                                   self.dq_mode, self.grads, self.warp_specialized)
             self.stages[name] = BuiltKernel(family, key, render.render(ctx), self.target)
         return self.stages[name]
 
@@ -180,7 +189,7 @@ def build_in_parallel(backwards: list[Backward], workers: int) -> dict[tuple[int
     from attnc.codegen.cache import cache_dir
 
     keys = [(i, name) for i, b in enumerate(backwards) for name in b.stage_names()]
-    jobs = [(b.ir, b.target, b.dtype, b.grads, b.dq_mode, b.config, name)
+    jobs = [(b.ir, b.target, b.dtype, b.grads, b.dq_mode, b.config, b.warp_specialized, name)
             for b in backwards for name in b.stage_names()]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context) as pool:
