@@ -42,6 +42,7 @@ from attnc.runtime import custom_op
 from attnc.runtime.kernels import KERNEL_DTYPES, BuiltKernel
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.heuristics import backward_config
+from attnc.schedules.resources import bwd_dq_staged
 
 DQ_MODES = ("atomic", "separate")
 
@@ -50,7 +51,9 @@ DQ_MODES = ("atomic", "separate")
 class Backward:
     """The backward kernels of one compiled op for one dtype, set of input gradients (``grads``: names of float
     inputs read by the score_mod) and dQ mode. ``warp_specialized`` (cuda main kernel; default: on sm_90a) picks
-    the Hopper structure (TMA producer, asynchronous wgmma) over the T.Pipelined one that sm_80 runs."""
+    the Hopper structure (TMA producer, asynchronous wgmma) over the T.Pipelined one that sm_80 runs;
+    ``dq_tma_reduce`` (default: when warp-specialised, up to head dim 128) adds dQ tiles by TMA reduce-add rather
+    than per-thread atomics."""
 
     ir: AttentionIR
     target: build.Target
@@ -59,6 +62,7 @@ class Backward:
     dq_mode: str
     config: KernelConfig
     warp_specialized: bool | None = None
+    dq_tma_reduce: bool | None = None
     stages: dict[str, BuiltKernel] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -66,6 +70,10 @@ class Backward:
             self.warp_specialized = self.target.arch == "sm_90a"
         if self.warp_specialized and self.target.arch != "sm_90a":
             raise UnsupportedError(f"warp_specialized=True needs the sm_90a target; got {self.target.label}")
+        if self.dq_tma_reduce is None:
+            self.dq_tma_reduce = self.warp_specialized and bwd_dq_staged(self.ir.qk_dim)
+        if self.dq_tma_reduce and not self.warp_specialized:
+            raise UnsupportedError("dq_tma_reduce=True needs the warp-specialised main kernel (warp_specialized=True)")
 
     @property
     def family(self) -> str:
@@ -94,10 +102,11 @@ class Backward:
                 "dq_mode": self.dq_mode if self.target.kind == "cuda" else "serial",  # cpu: one serial kernel
                 "grads": list(self.grads),
                 "warp_specialized": self.warp_specialized,
+                "dq_tma_reduce": self.dq_tma_reduce,
                 "versions": versions(),
             })
             ctx = make_bwd_context(family, f"attnc_{family}_{name}", ir, config, self.dtype, name,
-                                   self.dq_mode, self.grads, self.warp_specialized)
+                                   self.dq_mode, self.grads, self.warp_specialized, self.dq_tma_reduce)
             self.stages[name] = BuiltKernel(family, key, render.render(ctx), self.target)
         return self.stages[name]
 
@@ -189,7 +198,7 @@ def build_in_parallel(backwards: list[Backward], workers: int) -> dict[tuple[int
     from attnc.codegen.cache import cache_dir
 
     keys = [(i, name) for i, b in enumerate(backwards) for name in b.stage_names()]
-    jobs = [(b.ir, b.target, b.dtype, b.grads, b.dq_mode, b.config, b.warp_specialized, name)
+    jobs = [(b.ir, b.target, b.dtype, b.grads, b.dq_mode, b.config, b.warp_specialized, b.dq_tma_reduce, name)
             for b in backwards for name in b.stage_names()]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context) as pool:

@@ -24,8 +24,9 @@ What is counted, per template family (``dtype_bytes`` is the input dtype's size;
     (``block_m × block_n`` each, input dtype). sm_80 (T.Pipelined): P and dS once, plus the dK and dV output staging
     tiles (``block_n × (qk_dim + v_dim)``). sm_90a (warp-specialised): dS twice (one consumer warpgroup may run an
     iteration ahead of the other), P twice only when the warps split the kv rows in both dimensions (``block_n <
-    16 × warps``: P then goes through shared memory), and no staging (dK and dV are staged in K's and V's tiles).
-    dQ is accumulated into global memory with atomic adds straight from registers and is not counted.
+    16 × warps``: P then goes through shared memory), the fp32 dQ tile ``block_m × qk_dim`` that one TMA
+    reduce-add sends to global memory (head dims up to 128, `bwd_dq_staged`), and no dK / dV staging (they are
+    staged in K's and V's tiles). Otherwise dQ is added to global memory with atomics straight from registers.
     registers per thread: the fp32 dK and dV accumulators ``block_n × (qk_dim + v_dim)`` held over the whole loop,
     plus the larger of the per-iteration fp32 tiles: S and dP (``2 × block_m × block_n``) or the dQ partial
     (``block_m × qk_dim``, computed after S and dP are dead), spread over the threads, plus ``OVERHEAD_REGS``. On
@@ -159,6 +160,12 @@ def _dtype_name(dtype_bytes: int) -> str:
     return {1: "8-bit", 2: "16-bit", 4: "fp32"}.get(dtype_bytes, f"{dtype_bytes}-byte")
 
 
+def bwd_dq_staged(qk_dim: int) -> bool:
+    """Whether the sm_90a backward adds dQ by TMA reduce-add from a shared fp32 tile (by default): up to head dim
+    128; above, the tile would leave no room for double-buffered Q and dO tiles."""
+    return qk_dim <= 128
+
+
 def consumer_regs(threads: int) -> int:
     """Registers per thread the sm_90a warp-specialised kernels give their ``threads`` consumer threads."""
     return 240 if threads <= 256 else 160
@@ -187,7 +194,8 @@ def shared_memory_bytes(
         q_do_tiles = st * (bm * (qk_dim + v_dim) * e + 2 * bm * 4)
         if warp_specialized:
             p_in_shared = bn < MMA_ROWS * max(1, config.threads // 32)
-            return kv_tiles + q_do_tiles + (2 + 2 * p_in_shared) * bm * bn * e
+            dq_tile = bm * qk_dim * 4 if bwd_dq_staged(qk_dim) else 0
+            return kv_tiles + q_do_tiles + (2 + 2 * p_in_shared) * bm * bn * e + dq_tile
         p_ds_tiles = 2 * bm * bn * e
         dkdv_staging = bn * (qk_dim + v_dim) * e
         return kv_tiles + q_do_tiles + p_ds_tiles + dkdv_staging
