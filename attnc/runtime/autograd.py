@@ -14,7 +14,8 @@ Kernels, per (compiled op, dtype, gradients wanted, dQ mode):
   sm_90a; captured-tensor gradients by atomics; dK, dV written once without GQA, else summed over the q heads of a
   group: fp32 atomics, or per-q-head fp32 partials summed here in a fixed order when dQ is ``separate``), and for dQ
   either
-  ``dq_mode="atomic"``: the main kernel adds dS K into an fp32 buffer with atomics and ``post`` converts it, or
+  ``dq_mode="atomic"``: the main kernel adds dS K into an fp32 buffer with atomics (on sm_90a one TMA reduce-add
+  per tile) and ``post`` converts it, or
   ``dq_mode="separate"``: a ``dq`` kernel per q tile over the forward's tile map, no atomics.
   ``attnc.compile(..., deterministic=True)`` selects ``separate``: dQ, dK, dV and dsinks are then the same bits on
   every run; gradients of captured tensors accumulate with atomics, so deterministic mode refuses to compute them.
@@ -101,8 +102,7 @@ class Backward:
                 "stage": name,
                 "dq_mode": self.dq_mode if self.target.kind == "cuda" else "serial",  # cpu: one serial kernel
                 "grads": list(self.grads),
-                "warp_specialized": self.warp_specialized,
-                "dq_tma_reduce": self.dq_tma_reduce,
+                "main_structure": [self.warp_specialized, self.dq_tma_reduce] if name == "main" else None,
                 "versions": versions(),
             })
             ctx = make_bwd_context(family, f"attnc_{family}_{name}", ir, config, self.dtype, name,
