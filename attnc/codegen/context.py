@@ -193,13 +193,21 @@ class BackwardContext:
     """What the backward templates need beyond the forward's context.
 
     ``stage``: which kernel of the family to render ('main', and on cuda 'pre', 'dq', 'post'). ``dq_mode``: 'atomic'
-    (the main kernel adds dQ into an fp32 buffer) or 'separate' (a dQ kernel per q tile, no atomics). ``score_grad``:
+    (the main kernel adds dQ into an fp32 buffer) or 'separate' (a dQ kernel per q tile, no atomics). ``dkv_mode``
+    (cuda main): 'direct' (one q head per kv head: dK, dV written once in the input dtype), 'atomic' (GQA: fp32 dK,
+    dV accumulators per kv head, added to by every q head's block) or 'partial' (GQA, deterministic: fp32 dK, dV per
+    q head, summed over the group afterwards). ``warp_specialized``: sm_90a's main kernel (a TMA producer warpgroup,
+    asynchronous wgmma); ``dq_tma_reduce``: it adds each dQ tile with one TMA reduce-add from shared memory instead
+    of per-thread atomics. ``score_grad``:
     d score_mod / d score ("" when it is 1). ``grad_buffers`` / ``grad_terms``: gradients of float tensor inputs.
     ``q_begin`` ... ``full_end``: per kv tile (``kv_tile``), the q tiles visited and full (transposed tile map).
     """
 
     stage: str
     dq_mode: str
+    dkv_mode: str
+    warp_specialized: bool
+    dq_tma_reduce: bool
     score_grad: str
     grad_buffers: tuple[InputBuffer, ...]
     grad_terms: tuple[GradTerm, ...]
@@ -209,10 +217,19 @@ class BackwardContext:
     full_end: str
 
 
+def dkv_mode(ir: AttentionIR, dq_mode: str) -> str:
+    """How the cuda main kernel writes dK and dV (see `BackwardContext`)."""
+    if ir.group == 1:
+        return "direct"
+    return "partial" if dq_mode == "separate" else "atomic"
+
+
 def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: KernelConfig, dtype: str,
-                     stage: str = "main", dq_mode: str = "atomic", grads: tuple[str, ...] = ()) -> KernelContext:
+                     stage: str = "main", dq_mode: str = "atomic", grads: tuple[str, ...] = (),
+                     warp_specialized: bool = False, dq_tma_reduce: bool = False) -> KernelContext:
     """The context of a backward kernel: the forward's (tile map included, for the dQ pass) and `BackwardContext`.
-    ``grads`` names the float inputs whose gradients the kernel computes."""
+    ``grads`` names the float inputs whose gradients the kernel computes; ``warp_specialized`` and
+    ``dq_tma_reduce``: see `BackwardContext`."""
     ctx = make_context(family, kernel_name, ir, analyse(ir.mask, config.block_m, config.block_n), config, dtype)
     inputs = {t.name: t for t in ctx.inputs}
     tensors = {t.name: t.buffer for t in ctx.inputs}
@@ -239,6 +256,9 @@ def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: Ker
     bwd = BackwardContext(
         stage=stage,
         dq_mode=dq_mode,
+        dkv_mode=dkv_mode(ir, dq_mode),
+        warp_specialized=warp_specialized,
+        dq_tma_reduce=dq_tma_reduce,
         score_grad="" if d_score == 1 else text(d_score),
         grad_buffers=tuple(buffers),
         grad_terms=tuple(terms),

@@ -10,9 +10,12 @@ Kernels, per (compiled op, dtype, gradients wanted, dQ mode):
 
 - cpu (``cpu_bwd``): one kernel, scalar loops (see the template's header).
 - cuda (``bwd``, FlashAttention-2 style): ``pre`` (delta and per-q-tile sink-gradient partials), ``main`` (one block
-  per kv tile and kv head, looping over the q heads of its group and the q tiles of the kv-side tile map: dK, dV
-  written once, no atomics; captured-tensor gradients by atomics), and for dQ either
-  ``dq_mode="atomic"``: the main kernel adds dS K into an fp32 buffer with atomics and ``post`` converts it, or
+  per kv tile and q head, over the q tiles of the kv-side tile map; warp-specialised with asynchronous wgmma on
+  sm_90a; captured-tensor gradients by atomics; dK, dV written once without GQA, else summed over the q heads of a
+  group: fp32 atomics, or per-q-head fp32 partials summed here in a fixed order when dQ is ``separate``), and for dQ
+  either
+  ``dq_mode="atomic"``: the main kernel adds dS K into an fp32 buffer with atomics (on sm_90a one TMA reduce-add
+  per tile) and ``post`` converts it, or
   ``dq_mode="separate"``: a ``dq`` kernel per q tile over the forward's tile map, no atomics.
   ``attnc.compile(..., deterministic=True)`` selects ``separate``: dQ, dK, dV and dsinks are then the same bits on
   every run; gradients of captured tensors accumulate with atomics, so deterministic mode refuses to compute them.
@@ -32,7 +35,7 @@ import torch
 
 from attnc.codegen import build, render
 from attnc.codegen.cache import derive_key, versions
-from attnc.codegen.context import make_bwd_context
+from attnc.codegen.context import dkv_mode, make_bwd_context
 from attnc.dsl.derivative import read_gradients
 from attnc.dsl.ir import AttentionIR
 from attnc.errors import UnsupportedError
@@ -40,6 +43,7 @@ from attnc.runtime import custom_op
 from attnc.runtime.kernels import KERNEL_DTYPES, BuiltKernel
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.heuristics import backward_config
+from attnc.schedules.resources import bwd_dq_staged
 
 DQ_MODES = ("atomic", "separate")
 
@@ -47,7 +51,10 @@ DQ_MODES = ("atomic", "separate")
 @dataclass
 class Backward:
     """The backward kernels of one compiled op for one dtype, set of input gradients (``grads``: names of float
-    inputs read by the score_mod) and dQ mode."""
+    inputs read by the score_mod) and dQ mode. ``warp_specialized`` (cuda main kernel; default: on sm_90a) picks
+    the Hopper structure (TMA producer, asynchronous wgmma) over the T.Pipelined one that sm_80 runs;
+    ``dq_tma_reduce`` (default: when warp-specialised, up to head dim 128) adds dQ tiles by TMA reduce-add rather
+    than per-thread atomics."""
 
     ir: AttentionIR
     target: build.Target
@@ -55,7 +62,19 @@ class Backward:
     grads: tuple[str, ...]
     dq_mode: str
     config: KernelConfig
+    warp_specialized: bool | None = None
+    dq_tma_reduce: bool | None = None
     stages: dict[str, BuiltKernel] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.warp_specialized is None:
+            self.warp_specialized = self.target.arch == "sm_90a"
+        if self.warp_specialized and self.target.arch != "sm_90a":
+            raise UnsupportedError(f"warp_specialized=True needs the sm_90a target; got {self.target.label}")
+        if self.dq_tma_reduce is None:
+            self.dq_tma_reduce = self.warp_specialized and bwd_dq_staged(self.ir.qk_dim)
+        if self.dq_tma_reduce and not self.warp_specialized:
+            raise UnsupportedError("dq_tma_reduce=True needs the warp-specialised main kernel (warp_specialized=True)")
 
     @property
     def family(self) -> str:
@@ -83,10 +102,11 @@ class Backward:
                 "stage": name,
                 "dq_mode": self.dq_mode if self.target.kind == "cuda" else "serial",  # cpu: one serial kernel
                 "grads": list(self.grads),
+                "main_structure": [self.warp_specialized, self.dq_tma_reduce] if name == "main" else None,
                 "versions": versions(),
             })
             ctx = make_bwd_context(family, f"attnc_{family}_{name}", ir, config, self.dtype, name,
-                                   self.dq_mode, self.grads)
+                                   self.dq_mode, self.grads, self.warp_specialized, self.dq_tma_reduce)
             self.stages[name] = BuiltKernel(family, key, render.render(ctx), self.target)
         return self.stages[name]
 
@@ -109,8 +129,8 @@ class Backward:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), grads, dsinks
         dlse = torch.zeros_like(lse) if dlse is None else dlse.to(torch.float32).contiguous()
         delta = torch.empty((batch, ir.q_heads, q_len), **f32)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
         if self.target.kind == "cpu":
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
             dq = torch.empty(q.shape, **f32)
             self.stage("main")(q, k, v, *extras, out, lse, dout, dlse, delta, dq, dk, dv, *grads.values(),
                                *([dsinks] if ir.sinks else []))
@@ -121,16 +141,69 @@ class Backward:
                           *([sink_parts] if ir.sinks else []))
         if ir.sinks:
             dsinks = sink_parts.sum(-1)
+        dk_out, dv_out = self._dkv_buffers(k, v)
         if self.dq_mode == "atomic":
             dq_acc = torch.zeros(q.shape, **f32)
-            self.stage("main")(q, k, v, *extras, lse, dout, delta, dq_acc, dk, dv, *grads.values())
+            self.stage("main")(q, k, v, *extras, lse, dout, delta, dq_acc, dk_out, dv_out, *grads.values())
             dq = torch.empty_like(q)
             self.stage("post")(dq_acc, dq)
         else:
-            self.stage("main")(q, k, v, *extras, lse, dout, delta, dk, dv, *grads.values())
+            self.stage("main")(q, k, v, *extras, lse, dout, delta, dk_out, dv_out, *grads.values())
             dq = torch.empty_like(q)
             self.stage("dq")(q, k, v, *extras, lse, dout, delta, dq)
-        return dq, dk, dv, grads, dsinks
+        return dq, self._finish_dkv(dk_out, k), self._finish_dkv(dv_out, v), grads, dsinks
+
+    def _dkv_buffers(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cuda main kernel writes dK, dV into (see `attnc.codegen.context.dkv_mode`)."""
+        mode = dkv_mode(self.ir, self.dq_mode)
+        if mode == "direct":
+            return torch.empty_like(k), torch.empty_like(v)
+        if mode == "atomic":
+            return torch.zeros(k.shape, dtype=torch.float32, device=k.device), \
+                torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        heads_dim = 2 if self.ir.layout == "bshd" else 1
+        per_head = [list(t.shape) for t in (k, v)]
+        for shape in per_head:
+            shape[heads_dim] = self.ir.q_heads
+        return tuple(torch.empty(shape, dtype=torch.float32, device=k.device) for shape in per_head)
+
+    def _finish_dkv(self, out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """dK or dV in ``like``'s dtype: partials summed over each group's q heads (in a fixed order), cast."""
+        if out.shape != like.shape:  # per q head: (.., kv_heads * group, ..) -> sum over the group
+            heads_dim = 2 if self.ir.layout == "bshd" else 1
+            shape = list(like.shape)
+            shape[heads_dim:heads_dim + 1] = [self.ir.kv_heads, self.ir.group]
+            out = out.view(shape).sum(heads_dim + 1)
+        return out.to(like.dtype)
+
+
+def _build_stage(job: tuple, cache: str) -> str | None:
+    import os
+
+    os.environ["ATTNC_CACHE_DIR"] = cache
+    *fields, name = job
+    try:
+        Backward(*fields).stage(name).build()
+    except Exception as error:  # reported to the caller, which decides
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def build_in_parallel(backwards: list[Backward], workers: int) -> dict[tuple[int, str], str | None]:
+    """Build every stage of every backward in ``workers`` spawned processes into this process's cache (a later
+    build here loads from disk); ``{(index in backwards, stage): error text or None}``."""
+    import concurrent.futures
+    import multiprocessing
+
+    from attnc.codegen.cache import cache_dir
+
+    keys = [(i, name) for i, b in enumerate(backwards) for name in b.stage_names()]
+    jobs = [(b.ir, b.target, b.dtype, b.grads, b.dq_mode, b.config, b.warp_specialized, b.dq_tma_reduce, name)
+            for b in backwards for name in b.stage_names()]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context) as pool:
+        errors = list(pool.map(_build_stage, jobs, [str(cache_dir())] * len(jobs)))
+    return dict(zip(keys, errors))
 
 
 _BACKWARDS: dict[tuple, Backward] = {}

@@ -37,7 +37,9 @@ def backward_config(arch: str, ir: AttentionIR, stage: str = "main") -> KernelCo
     kv rows per tile.
 
     cuda ``main`` (and ``pre``, ``post``): kv tiles of 128 rows for head dims up to 128 (64 above, to fit the dK and
-    dV accumulators in registers), q tiles of 64, 256 threads (two consumer warpgroups over the 128 kv rows).
+    dV accumulators in registers), q tiles of 64, 256 threads: on sm_90a two consumer warpgroups of 64 kv rows each
+    (FlashAttention-3's shape for d128; the producer warpgroup is added at launch), with the Q / dO / lse / Delta
+    tiles double-buffered (2 stages).
     cuda ``dq``: q tiles of 128 rows (the warps split the q rows), kv tiles of 64 (32 above head dim 128).
     sm_80 pipelines with one stage: tilelang 0.1.15 cannot lower a multi-stage pipeline with a run-time trip count
     around a gemm there ("Downcast from tirx.Sub to ir.IntImm failed").

@@ -21,12 +21,16 @@ What is counted, per template family (``dtype_bytes`` is the input dtype's size;
 ``bwd`` (FlashAttention-2-style backward: one block keeps ``block_n`` key rows and walks the query tiles)
     shared memory: K and V tiles of ``block_n`` rows (resident) + ``stages ×`` (Q tile ``block_m × qk_dim``, dO tile
     ``block_m × v_dim``, and the fp32 lse and delta rows, ``2 × block_m × 4`` bytes) + the P and dS tiles
-    (``block_m × block_n`` each, input dtype; both are read transposed by the dV and dK products, so they go through
-    shared memory) + the dK and dV output staging tiles (``block_n × (qk_dim + v_dim)``). dQ is accumulated into
-    global memory with atomic adds straight from registers and is not counted.
+    (``block_m × block_n`` each, input dtype). sm_80 (T.Pipelined): P and dS once, plus the dK and dV output staging
+    tiles (``block_n × (qk_dim + v_dim)``). sm_90a (warp-specialised): dS twice (one consumer warpgroup may run an
+    iteration ahead of the other), P twice only when the warps split the kv rows in both dimensions (``block_n <
+    16 × warps``: P then goes through shared memory), the fp32 dQ tile ``block_m × qk_dim`` that one TMA
+    reduce-add sends to global memory (head dims up to 128, `bwd_dq_staged`), and no dK / dV staging (they are
+    staged in K's and V's tiles). Otherwise dQ is added to global memory with atomics straight from registers.
     registers per thread: the fp32 dK and dV accumulators ``block_n × (qk_dim + v_dim)`` held over the whole loop,
     plus the larger of the per-iteration fp32 tiles: S and dP (``2 × block_m × block_n``) or the dQ partial
-    (``block_m × qk_dim``, computed after S and dP are dead), spread over the threads, plus ``OVERHEAD_REGS``.
+    (``block_m × qk_dim``, computed after S and dP are dead), spread over the threads, plus ``OVERHEAD_REGS``. On
+    sm_90a the consumer warpgroups get at most ``consumer_regs(threads)`` registers (setmaxnreg), the producer 24.
 ``decode`` (one query token; a block serves one kv head and packs its ``group`` q heads into ``block_m`` rows)
     as ``fwd``, with ``block_m`` the padded q-head rows; with ``split > 1`` the output staging holds fp32 partials
     (4 bytes per element) that are merged by a second pass.
@@ -156,14 +160,26 @@ def _dtype_name(dtype_bytes: int) -> str:
     return {1: "8-bit", 2: "16-bit", 4: "fp32"}.get(dtype_bytes, f"{dtype_bytes}-byte")
 
 
+def bwd_dq_staged(qk_dim: int) -> bool:
+    """Whether the sm_90a backward adds dQ by TMA reduce-add from a shared fp32 tile (by default): up to head dim
+    128; above, the tile would leave no room for double-buffered Q and dO tiles."""
+    return qk_dim <= 128
+
+
+def consumer_regs(threads: int) -> int:
+    """Registers per thread the sm_90a warp-specialised kernels give their ``threads`` consumer threads."""
+    return 240 if threads <= 256 else 160
+
+
 def shared_memory_bytes(
     family: str, config: KernelConfig, *, qk_dim: int, v_dim: int, group: int = 1, dtype_bytes: int = 2,
-    output_in_q: bool = False,
+    output_in_q: bool = False, warp_specialized: bool = False,
 ) -> int:
     """Shared memory (bytes) one block of ``family`` needs under ``config``; see the module docstring for the terms.
 
     ``group`` (q heads per kv head) does not change the count: for ``decode`` it is already in ``config.block_m``.
     ``output_in_q``: the output tile reuses the Q tile's bytes (the sm_90a forward when qk_dim == v_dim).
+    ``warp_specialized``: the sm_90a backward's layout (``bwd`` only).
     """
     _check_family(family)
     bm, bn, st, e = config.block_m, config.block_n, max(1, config.stages), dtype_bytes
@@ -176,6 +192,10 @@ def shared_memory_bytes(
     if family == "bwd":
         kv_tiles = bn * (qk_dim + v_dim) * e
         q_do_tiles = st * (bm * (qk_dim + v_dim) * e + 2 * bm * 4)
+        if warp_specialized:
+            p_in_shared = bn < MMA_ROWS * max(1, config.threads // 32)
+            dq_tile = bm * qk_dim * 4 if bwd_dq_staged(qk_dim) else 0
+            return kv_tiles + q_do_tiles + (2 + 2 * p_in_shared) * bm * bn * e + dq_tile
         p_ds_tiles = 2 * bm * bn * e
         dkdv_staging = bn * (qk_dim + v_dim) * e
         return kv_tiles + q_do_tiles + p_ds_tiles + dkdv_staging
@@ -262,7 +282,8 @@ def check(
         return reasons
 
     warp_specialized_fwd = family == "fwd" and arch.wgmma
-    smem = shared_memory_bytes(family, config, **dims, output_in_q=warp_specialized_fwd and qk_dim == v_dim)
+    smem = shared_memory_bytes(family, config, **dims, output_in_q=warp_specialized_fwd and qk_dim == v_dim,
+                               warp_specialized=family == "bwd" and arch.wgmma)
     resource = "tile buffer memory" if arch.is_cpu else "shared memory"
     if smem > arch.smem_per_block:
         reasons.append(f"{resource} {smem} bytes exceeds the {arch.name} limit of {arch.smem_per_block} bytes per block")
@@ -328,6 +349,9 @@ def check(
         reasons.append(
             f"registers {regs} per thread (estimated) exceed the {arch.name} limit of {arch.max_regs_per_thread}"
         )
+    if family == "bwd" and arch.wgmma and regs > consumer_regs(threads):
+        reasons.append(f"registers {regs} per thread (estimated) exceed the {consumer_regs(threads)} that the "
+                       f"{arch.name} backward gives each of its {threads} consumer threads")
     block_regs = _round_up(regs, REG_GRANULARITY) * threads + arch.producer_threads * arch.producer_regs
     if block_regs > arch.regs_per_sm:
         reasons.append(

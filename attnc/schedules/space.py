@@ -11,7 +11,8 @@ CUDA axes (``fwd``, ``bwd``, ``decode``):
     block_n  32, 64, 128, 256; for ``fwd`` on sm_90a also 80, 96, 160 and 176 (the tiles that fill Hopper's shared
              memory at head dims 256, 192, 128 with 128-row Q tiles; measured best on the H200)
     stages   1, 2, 3
-    threads  128, 256, 384
+    threads  128, 256, 384 — on sm_90a, for ``fwd`` and ``bwd``, the consumer warpgroups' threads (a producer
+             warpgroup is added at launch)
     pack_gqa always ``group > 1`` for ``decode`` (the rows are the group's
              q heads); False for ``bwd``
     split    1, 2, 4, 8, 16 for ``decode``; 1 otherwise

@@ -12,6 +12,7 @@ CUDA kernels are also built, not run, for sm_90a and sm_80 here.
 
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,10 @@ import attnc.mods as mods
 from attnc.cli import load_spec
 from attnc.codegen.build import Target
 from attnc.errors import UnsupportedError
-from attnc.runtime.autograd import Backward, backward_for
+from attnc.dsl.derivative import read_gradients
+from attnc.runtime.autograd import Backward, backward_for, build_in_parallel
+from attnc.runtime.kernels import KERNEL_DTYPES
+from attnc.runtime.kernels import build_in_parallel as build_forwards_in_parallel
 from attnc.runtime.reference import attention_reference
 from attnc.schedules.heuristics import backward_config
 
@@ -256,12 +260,29 @@ def test_cuda_backward_builds_for_sm90a():
     atomic = cuda_backward("sm_90a", "atomic")
     main = atomic.stage("main").device_source()
     assert "wgmma" in main and "AtomicAdd((&(grad_slopes" in main and "grad_table" in main and "dQacc" in main
+    assert "tma_load" in main and "AtomicAddx2((&(dK[" in main  # warp-specialised; GQA: dK summed by atomics
     assert "Sinks" in atomic.stage("pre").device_source()
     atomic.stage("post").build()
     separate = cuda_backward("sm_90a", "separate", layout="bhsd", features=False)
     dq = separate.stage("dq").device_source()
     assert "wgmma" in dq and "AtomicAdd" not in dq
-    assert "dQacc: T.Tensor" not in separate.stage("main").source and "T.atomic_add(" not in separate.stage("main").source
+    main = separate.stage("main").device_source()
+    assert "AtomicAdd" not in main and "dQacc" not in main  # deterministic: per-q-head dK, dV partials, no atomics
+    assert "wait_wgmma<1>" in main  # P computed while V dO^T is still on the tensor cores
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_gqa_dk_dv_partials_are_summed_over_each_group(layout):
+    spec = attnc.Attention(8, 2, qk_dim=16, layout=layout, mask_mod=mods.causal())
+    backward = Backward(spec.ir, Target("cuda", "sm_80"), "bfloat16", (), "separate",
+                        backward_config("sm_80", spec.ir))
+    k = torch.zeros((2, 5, 2, 16) if layout == "bshd" else (2, 2, 5, 16), dtype=torch.bfloat16)
+    partial, _ = backward._dkv_buffers(k, k)
+    assert partial.dtype == torch.float32 and partial.shape[2 if layout == "bshd" else 1] == 8
+    partial.copy_(torch.randn(partial.shape))
+    heads = 2 if layout == "bshd" else 1  # q heads 4j .. 4j + 3 share kv head j
+    want = torch.stack([partial.narrow(heads, 4 * j, 4).sum(heads) for j in range(2)], dim=heads)
+    torch.testing.assert_close(backward._finish_dkv(partial, k).float(), want, atol=0, rtol=1e-2)
 
 
 def test_cuda_backward_builds_for_sm80():
@@ -314,32 +335,63 @@ def check_cuda(op, q_len, kv_len, dtype, batch=2):
     assert_close(got, want, rule)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("dims", [(64, 64), (128, 128), (256, 256), (192, 128)])
-@pytest.mark.parametrize("q_len, kv_len", [(1, 1), (129, 129), (17, 300), (300, 17)])
-def test_gpu_head_dims(dtype, dims, q_len, kv_len):
-    spec = attnc.Attention(8, 2, qk_dim=dims[0], v_dim=dims[1], mask_mod=mods.causal(), sinks=True,
+GPU_WORKERS = min(16, os.cpu_count() or 1)
+GPU_DTYPES = [torch.bfloat16, torch.float16]
+GPU_HEAD_DIMS = [(64, 64), (128, 128), (256, 256), (192, 128)]
+
+
+def head_dim_spec(qk_dim, v_dim):
+    return attnc.Attention(8, 2, qk_dim=qk_dim, v_dim=v_dim, mask_mod=mods.causal(), sinks=True,
                            score_mod=mods.alibi(mods.alibi_slopes(8)))
-    check_cuda(attnc.compile(spec, target="cuda"), q_len, kv_len, dtype)
+
+
+ATOMIC_SPEC = attnc.Attention(8, 2, qk_dim=128, mask_mod=mods.causal())
+
+
+@pytest.fixture(scope="module")
+def gpu_ops():
+    """Every op the GPU tests run, with its forward and backward kernels built in parallel first (16 cores on the
+    GPU machine): serial builds took most of the GPU session."""
+    ops = {("dims", dims): attnc.compile(head_dim_spec(*dims), target="cuda") for dims in GPU_HEAD_DIMS}
+    ops.update({("variant", name): attnc.compile(SPECS[name][0](64, 64), target="cuda") for name in SPECS})
+    ops["fast"] = attnc.compile(ATOMIC_SPEC, target="cuda")
+    ops["exact"] = attnc.compile(ATOMIC_SPEC, target="cuda", deterministic=True)
+    forwards, backwards = {}, []
+    for key, op in ops.items():
+        differentiable = {g.name for g in read_gradients(op.ir)}
+        grads = tuple(t.name for t in op.ir.inputs if t.name in differentiable)
+        for dtype in ([torch.bfloat16] if key in ("fast", "exact") else GPU_DTYPES):
+            config = op.config_for(dtype, 2, 129, 129)[0]
+            forwards[(op.ir.key, dtype)] = ("fwd", op.ir, config, KERNEL_DTYPES[dtype], op.target)
+            backwards.append(backward_for(op, dtype, grads))
+    errors = [e for e in build_forwards_in_parallel(list(forwards.values()), GPU_WORKERS) if e]
+    errors += [e for e in build_in_parallel(backwards, GPU_WORKERS).values() if e]
+    assert not errors, errors[:3]
+    return ops
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("dims", GPU_HEAD_DIMS)
+@pytest.mark.parametrize("q_len, kv_len", [(1, 1), (129, 129), (17, 300), (300, 17)])
+def test_gpu_head_dims(gpu_ops, dtype, dims, q_len, kv_len):
+    check_cuda(gpu_ops[("dims", dims)], q_len, kv_len, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_gpu_variants(name, dtype):
-    op = attnc.compile(SPECS[name][0](64, 64), target="cuda")
+def test_gpu_variants(gpu_ops, name, dtype):
+    op = gpu_ops[("variant", name)]
     lengths = [(129, 129)] if name in ("document_causal", "input_bias_masked_rows") else [(129, 129), (17, 129)]
     for q_len, kv_len in lengths:
         check_cuda(op, q_len, kv_len, dtype)
 
 
 @pytest.mark.gpu
-def test_gpu_atomic_and_separate_dq_agree_and_deterministic_mode_repeats_bits():
-    spec = attnc.Attention(8, 2, qk_dim=128, mask_mod=mods.causal())
-    fast = attnc.compile(spec, target="cuda")
-    exact = attnc.compile(spec, target="cuda", deterministic=True)
-    q, k, v = (t.cuda() for t in draw(spec.ir, 2, 1000, 1000, torch.bfloat16))
+def test_gpu_atomic_and_separate_dq_agree_and_deterministic_mode_repeats_bits(gpu_ops):
+    fast, exact = gpu_ops["fast"], gpu_ops["exact"]
+    q, k, v = (t.cuda() for t in draw(ATOMIC_SPEC.ir, 2, 1000, 1000, torch.bfloat16))
     grads = []
     for op in (fast, exact, exact):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -71,6 +71,13 @@ def test_bwd_shared_memory_terms():
     p_ds = 2 * 64 * 128 * 2
     dkdv = 128 * 256 * 2
     assert shared_memory_bytes("bwd", cfg, **D128) == kv + q_do + p_ds + dkdv
+    # sm_90a: dS double-buffered, P in registers (128 kv rows over 8 warps), an fp32 dQ tile for the TMA
+    # reduce-add, dK and dV staged in K's and V's tiles
+    dq = 64 * 128 * 4
+    assert shared_memory_bytes("bwd", cfg, **D128, warp_specialized=True) == kv + q_do + 2 * 64 * 128 * 2 + dq
+    square = KernelConfig(block_m=64, block_n=64, stages=2, threads=256)  # 64 kv rows over 8 warps: P in shared
+    assert shared_memory_bytes("bwd", square, **D128, warp_specialized=True) == \
+        64 * 256 * 2 + q_do + 4 * 64 * 64 * 2 + dq
 
 
 def test_decode_split_stages_fp32_partials():

@@ -34,7 +34,9 @@ def test_every_config_fits_and_order_is_deterministic(family, arch, qk, v, group
     for config in configs:
         assert check(family, arch, config, **dims) == [], config.short()
         output_in_q = family == "fwd" and get_arch(arch).wgmma and dims["qk_dim"] == dims["v_dim"]
-        assert shared_memory_bytes(family, config, **dims, output_in_q=output_in_q) <= get_arch(arch).smem_per_block
+        warp_specialized = family == "bwd" and get_arch(arch).wgmma
+        assert shared_memory_bytes(family, config, **dims, output_in_q=output_in_q,
+                                   warp_specialized=warp_specialized) <= get_arch(arch).smem_per_block
 
 
 def test_unpruned_sizes():
@@ -50,7 +52,7 @@ def test_pruned_sizes_snapshot():
     # Snapshot of the model's verdicts; update deliberately when the resource model changes.
     assert len(space("fwd", "sm_90a", 128, 128)) == 54
     assert len(space("fwd", "sm_90a", 128, 128, group=4)) == 54
-    assert len(space("bwd", "sm_90a", 128, 128)) == 11
+    assert len(space("bwd", "sm_90a", 128, 128)) == 10
     assert len(space("cpu_fwd", "cpu", 64, 64, 1, 4)) == 9
 
 
