@@ -43,14 +43,13 @@ def _inputs(case: Case, dtype: torch.dtype, sets: int, grad: bool):
 
 
 def _prebuild(cases: list[Case], dtype: torch.dtype, backward: bool, default_too: bool, workers: int = 16) -> None:
-    """Build attnc's kernels for every case in parallel first; the timed loop then loads them from disk."""
-    import concurrent.futures
-
+    """Build attnc's kernels for every case in parallel processes first; the timed loop then loads them from disk."""
     import attnc
-    from attnc.runtime.autograd import backward_for
+    from attnc.runtime import autograd
     from attnc.runtime.kernels import KERNEL_DTYPES, build_in_parallel
 
-    ops = [(case, attnc.compile(case.spec(torch.device("cuda")), target="cuda")) for case in cases]
+    device = torch.device("cuda")
+    ops = [(case, attnc.compile(case.spec(device), target="cuda")) for case in cases]
     jobs = []
     for case, op in ops:
         configs = {op.config_for(dtype, case.batch, case.seq, case.seq)[0]}
@@ -59,9 +58,13 @@ def _prebuild(cases: list[Case], dtype: torch.dtype, backward: bool, default_too
         jobs += [("fwd", op.ir, config, KERNEL_DTYPES[dtype], op.target) for config in configs]
     build_in_parallel(jobs, min(workers, len(jobs)))
     if backward:
-        stages = [b.stage(name) for b in (backward_for(op, dtype, ()) for _, op in ops) for name in b.stage_names()]
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # nvcc runs outside the GIL
-            list(pool.map(lambda stage: stage.build(), stages))
+        backwards = []
+        for case, op in ops:
+            learned = {id(t) for t in case.learned(device)}
+            captured = op.spec.captured_tensors()
+            grads = tuple(t.name for t in op.ir.inputs if id(captured.get(t.name)) in learned)
+            backwards.append(autograd.backward_for(op, dtype, grads))
+        autograd.build_in_parallel(backwards, workers)
 
 
 def tune_cases(cases: list[Case], dtype: torch.dtype, budget_s: float, max_candidates: int | None,
