@@ -193,7 +193,7 @@ def _(q, k, v, out, lse, dout, dlse, extras, op_id, wanted):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, extras, op_id = inputs
+    q, k, v, extras, op_id, _, _ = inputs  # the block mask (tensors, config) only steers the forward
     out, lse = output
     ctx.op_id = op_id
     ctx.n_extras = len(extras)
@@ -211,7 +211,7 @@ def _backward(ctx, dout, dlse):
     grads: list[torch.Tensor | None] = [None] * ctx.n_extras
     for i, g in zip(wanted, dextras):
         grads[i] = g
-    return dq, dk, dv, grads, None
+    return dq, dk, dv, grads, None, None, None
 
 
 torch.library.register_autograd("attnc::forward", _backward, setup_context=_setup_context)
