@@ -83,7 +83,8 @@ class BlockMask:
         scale = f", one glyph per {step_r}x{step_c} tiles" if step_r * step_c > 1 else ""
         lines = [
             f"BlockMask(q_len={self.q_len}, kv_len={self.kv_len}, batch={self.batch}, tiles={self.tiles[0]}x"
-            f"{self.tiles[1]}, planes=({planes_b}, {planes_h}), target={self.target}, config={self.config.short()})",
+            f"{self.tiles[1]}, shape={tuple(self.tile_kind.shape)}, target={self.target}, "
+            f"config={self.config.short()})",
             f"  {listed} of {total} tiles visited ({full} full), sparsity {100.0 * (1 - listed / max(total, 1)):.1f}%",
             f"  plane (0, 0) (█ full, ░ partial, · empty{scale}):",
         ]

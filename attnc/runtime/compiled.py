@@ -67,6 +67,7 @@ class CompiledAttention:
         self._bounds = IndexBounds(self.ir)
         self._captured = spec.captured_tensors()
         self.block_mask_layout = block_mask_layout(self.ir.mask)
+        self._mask_owner = (self.ir.key, target.label)  # what a block mask of this op records (read when traced)
         self._classifiers: dict[tuple[int, int], BlockMaskKernel] = {}
         self.op_id = custom_op.register(self)
 
@@ -122,7 +123,7 @@ class CompiledAttention:
         shapes, extras = self.prepare(q, k, v, inputs, sinks)
         mask_tensors, mask_config = [], ""
         if block_mask is not None:
-            check_block_mask(block_mask, spec_key=self.ir.key, target=self.target.label,
+            check_block_mask(block_mask, spec_key=self._mask_owner[0], target=self._mask_owner[1],
                              layout=self.block_mask_layout, batch=shapes.batch, q_len=shapes.q_len,
                              kv_len=shapes.kv_len, device=q.device, config=self._config)
             mask_tensors, mask_config = block_mask.tensors(), block_mask.config_json
@@ -165,7 +166,7 @@ class CompiledAttention:
         tile_kind = classify(self._classifiers[tiles], inputs, self.block_mask_layout, batch, self.ir.q_heads,
                              q_len, kv_len, device)
         kv_count, kv_list = compact(tile_kind)
-        return BlockMask(self.ir.key, self.target.label, config, config.to_json(), batch, q_len, kv_len, tile_kind,
+        return BlockMask(*self._mask_owner, config, config.to_json(), batch, q_len, kv_len, tile_kind,
                          kv_count, kv_list)
 
     def block_mask_tensors(self, config: KernelConfig, q: torch.Tensor, k: torch.Tensor,
