@@ -150,9 +150,9 @@ class CompiledAttention:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"block_mask `{name}` must be a non-negative int; got {value!r}")
         dtype = dtype or TARGET_DTYPES[self.target.kind][0]
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if self.target.kind == "cuda" else "cpu"
-        device = torch.device(device)
+        device = torch.device(device or ("cuda" if self.target.kind == "cuda" else "cpu"))
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         extras = check_extras(self.ir, inputs, self._captured, device)
         self._bounds.check(Shapes(batch, q_len, kv_len), {t.name: e for t, e in zip(self.ir.inputs, extras)})
         config, _ = self.config_for(dtype, batch, q_len, kv_len, {t.name: e for t, e in zip(self.ir.inputs, extras)})

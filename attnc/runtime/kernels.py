@@ -138,7 +138,10 @@ def _build_job(job: tuple, cache: str) -> str | None:
 
     os.environ["ATTNC_CACHE_DIR"] = cache
     try:
-        Kernel.render(*job).build()
+        if job[0] in ("block_mask", "cpu_block_mask"):
+            BlockMaskKernel.render(*job[1:]).build()
+        else:
+            Kernel.render(*job).build()
     except Exception as error:  # reported to the caller, which decides
         return f"{type(error).__name__}: {error}"
     return None
@@ -146,7 +149,8 @@ def _build_job(job: tuple, cache: str) -> str | None:
 
 def build_in_parallel(jobs: list[tuple], workers: int) -> list[str | None]:
     """Build ``Kernel.render(*job)`` for every job in ``workers`` spawned processes, into this process's cache
-    (a later render + build here then loads from disk in milliseconds); each job's error text, or None."""
+    (a later render + build here then loads from disk in milliseconds); each job's error text, or None. A job
+    ``("block_mask", ir, block_m, block_n, target)`` builds ``BlockMaskKernel.render(ir, block_m, block_n, target)``."""
     import concurrent.futures
     import multiprocessing
 
