@@ -150,12 +150,17 @@ class CompiledAttention:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"block_mask `{name}` must be a non-negative int; got {value!r}")
         dtype = dtype or TARGET_DTYPES[self.target.kind][0]
+        if dtype not in TARGET_DTYPES[self.target.kind]:
+            names = ", ".join(str(d).replace("torch.", "") for d in TARGET_DTYPES[self.target.kind])
+            raise InputError(f"block_mask `dtype` must be one the {self.target.kind} target computes in ({names}); "
+                             f"got {dtype}")
         device = torch.device(device or ("cuda" if self.target.kind == "cuda" else "cpu"))
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         extras = check_extras(self.ir, inputs, self._captured, device)
-        self._bounds.check(Shapes(batch, q_len, kv_len), {t.name: e for t, e in zip(self.ir.inputs, extras)})
-        config, _ = self.config_for(dtype, batch, q_len, kv_len, {t.name: e for t, e in zip(self.ir.inputs, extras)})
+        named = {t.name: e for t, e in zip(self.ir.inputs, extras)}
+        self._bounds.check(Shapes(batch, q_len, kv_len), named)
+        config, _ = self.config_for(dtype, batch, q_len, kv_len, named)
         return self._make_block_mask(config, batch, q_len, kv_len, extras, device)
 
     def _make_block_mask(self, config: KernelConfig, batch: int, q_len: int, kv_len: int,
@@ -214,6 +219,10 @@ class CompiledAttention:
                          f"config={config.short()} ({source})")
         if not self._kernels:
             lines.append("  no kernel built yet (built on first call or by .build(dtype))")
+        if self.block_mask_layout is not None:
+            layout = self.block_mask_layout
+            lines.append(f"  block mask: computed at run time (varies with b: {layout.per_batch}, with h: "
+                         f"{layout.per_head}); op.block_mask(...) makes one to reuse")
         return "\n".join(lines)
 
 
