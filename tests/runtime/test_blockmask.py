@@ -40,11 +40,16 @@ def per_head(b, h, q_idx, kv_idx):
     return (DOCS[q_idx] == DOCS[kv_idx]) | (h == 1)
 
 
+def per_batch_and_head(b, h, q_idx, kv_idx):
+    return (BATCH_DOCS[b, q_idx] == BATCH_DOCS[b, kv_idx]) & ((q_idx >= kv_idx) | (h == 2))
+
+
 SPECS = {
     "document": dict(mask_mod=mods.document(DOCS)),
     "document_causal": dict(mask_mod=mods.document(DOCS) & mods.causal()),
     "per_batch_window": dict(mask_mod=per_batch_window),
     "per_head_gqa_bhsd": dict(kv_heads=2, layout="bhsd", mask_mod=per_head),
+    "per_batch_and_head": dict(mask_mod=per_batch_and_head),
     "declared_keep_sinks": dict(mask_mod=lambda b, h, q_idx, kv_idx: (KEEP_INPUT[kv_idx] > 0) | (q_idx == kv_idx),
                                 inputs=[KEEP_INPUT], sinks=True),
 }
@@ -86,7 +91,7 @@ def brute_force_kinds(op, q_len: int, kv_len: int, batch: int, tensors: dict, ti
 def test_tile_kinds_and_lists_match_brute_force(name, config):
     op = op_for(name, config)
     for q_len, kv_len in LENGTHS:
-        batch = 3 if name == "per_batch_window" else 2
+        batch = 3 if name.startswith("per_batch") else 2
         bm = op.block_mask(q_len, kv_len, batch=batch, **mask_inputs(name))
         tensors = {**op.spec.captured_tensors(), **mask_inputs(name)}
         want = brute_force_kinds(op, q_len, kv_len, batch, tensors, bm.tiles)
@@ -124,7 +129,7 @@ def qkv(op, batch, q_len, kv_len):
 def test_the_forward_with_a_block_mask_matches_the_reference(name):
     op = op_for(name)
     for q_len, kv_len in LENGTHS:
-        batch = 3 if name == "per_batch_window" else 2
+        batch = 3 if name.startswith("per_batch") else 2
         q, k, v = qkv(op, batch, q_len, kv_len)
         check(op, q, k, v, **mask_inputs(name))  # computed in the call
         bm = op.block_mask(q_len, kv_len, batch=batch, **mask_inputs(name))

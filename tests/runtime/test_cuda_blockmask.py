@@ -67,7 +67,10 @@ def jobs(spec, arch: str, dtypes=("bfloat16",)) -> list[tuple]:
 @needs_nvcc
 def test_the_classifier_and_the_forward_with_a_block_mask_build_for_sm90a_and_lower_for_sm80():
     chosen = [specs()["document_causal_d64"], specs()["per_batch_documents_d128"]]
-    all_jobs = [job for spec in chosen for arch in ("sm_90a", "sm_80") for job in jobs(spec, arch)]
+    both = attnc.Attention(8, qk_dim=128, inputs=[DOCS],
+                           mask_mod=lambda b, h, q_idx, kv_idx: per_batch_documents(b, h, q_idx, kv_idx) | (h == 3))
+    all_jobs = [job for spec in chosen for arch in ("sm_90a", "sm_80") for job in jobs(spec, arch)] + \
+        [("block_mask", both.ir, 128, 128, Target("cuda", "sm_90a"))]  # planes per batch entry and per head
     errors = build_in_parallel(all_jobs, workers=2)
     assert errors == [None] * len(all_jobs), [e for e in errors if e]
     for spec in chosen:
