@@ -35,7 +35,8 @@ class BlockMask:
     ``tile_kind``: (planes_b, planes_h, q tiles, kv tiles) int8, 0 empty / 1 partial / 2 full; ``kv_count``: (planes_b,
     planes_h, q tiles) int32; ``kv_list``: like ``tile_kind``, int32, the first ``kv_count`` entries of each row
     listed. ``planes_b`` is the batch (1 when the mask does not read ``b``), ``planes_h`` the q heads (1 when it does
-    not read ``h``). ``config``: the kernel config the forward runs with this mask (its tile sizes).
+    not read ``h``). ``config``: the kernel config the forward runs with this mask (its tile sizes); ``config_json``
+    the same as the custom op carries it (made once: a traced call runs no json.dumps).
     """
 
     spec_key: str
