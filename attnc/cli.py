@@ -214,10 +214,29 @@ def cmd_show(args) -> int:
     _print(f"  q_len {q_len}, kv_len {kv_len} (█ full, ░ partial, · skipped):")
     for row in kernel.tilemap.grid(q_len, kv_len):
         _print("    " + row)
+    if op.block_mask_layout is not None:
+        _print(_block_mask_section(op, loaded, args.batch, q_len, kv_len, dtype))
     _print(f"\n== TileLang source ==\n{kernel.source.rstrip()}")
     if target.kind == "cuda":
         _print(f"\n== CUDA source ({target.arch}) ==\n{kernel.device_source().rstrip()}")
     return 0
+
+
+def _block_mask_section(op, loaded: SpecFile, batch: int, q_len: int, kv_len: int, dtype) -> str:
+    """What `show` says of a mask that reads a tensor: the kernel visits a run-time block mask's tiles; the block
+    mask of the spec file's inputs at these sizes, where the target can run."""
+    import torch
+
+    layout = op.block_mask_layout
+    text = (f"  the mask reads a tensor: the kernel visits the kv tiles of a block mask computed at run time "
+            f"(its planes vary with b: {'yes' if layout.per_batch else 'no'}, with h: "
+            f"{'yes' if layout.per_head else 'no'})")
+    if op.target.kind == "cuda" and not torch.cuda.is_available():
+        return text + "; no GPU here to compute it"
+    device = "cuda" if op.target.kind == "cuda" else "cpu"
+    inputs = {name: t.to(device) for name, t in loaded.inputs(q_len, kv_len).items()}
+    block_mask = op.block_mask(q_len, kv_len, batch=batch, dtype=dtype, **inputs)
+    return f"{text}\n\n== block mask (the spec file's inputs) ==\n{block_mask}"
 
 
 def _run_one(loaded: SpecFile, op, batch: int, q_len: int, kv_len: int, dtype, seed: int | None):

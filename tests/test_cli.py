@@ -55,6 +55,16 @@ def test_show_prints_spec_tile_map_and_tilelang_source(capsys):
     assert "CUDA source" not in out
 
 
+def test_show_prints_the_block_mask_of_a_mask_that_reads_a_tensor(capsys):
+    assert cli.main(["show", str(SPECS / "document_mask.py"), "--target", "cpu", "--q-len", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "the mask reads a tensor: the kernel visits the kv tiles of a block mask computed at run time" in out
+    section = out.split("== block mask (the spec file's inputs) ==\n")[1].split("\n\n")[0].splitlines()
+    assert section[0].startswith("BlockMask(q_len=100, kv_len=100, batch=2, tiles=16x32, shape=(1, 1, 7, 4)")
+    assert len(section) == 3 + 7 and all(set(row.strip()) <= set("█░·") for row in section[3:])
+    assert "KvList[0, 0, q_tile, t]" in out
+
+
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
 def test_show_cuda_lowers_for_the_arch_without_a_gpu(capsys, arch):
     needs_cuda_build()

@@ -16,6 +16,7 @@ from attnc.codegen.hoist import hoist
 from attnc.codegen.printer import print_expr
 from attnc.codegen.score_rewrite import COLUMN, Q_BASE, QK, ROW, ROW_OFFSET, rewrite_score
 from attnc.dsl import symbols
+from attnc.dsl.blockmask import BlockMaskLayout
 from attnc.dsl.derivative import backward_tiles, read_gradients, score_derivative
 from attnc.dsl.ir import AttentionIR
 from attnc.dsl.tilemap import Q_TILE, TileMap, analyse
@@ -59,6 +60,22 @@ class CacheFill:
 
 
 @dataclass(frozen=True)
+class BlockMaskContext:
+    """The run-time block mask as a kernel indexes it (`attnc.dsl.blockmask`): the extents of its batch and head
+    dims (``batch`` / the head count, or ``1``) and the kernel text of their index (``b`` / ``h``, or ``0``)."""
+
+    batch_extent: str
+    head_extent: str
+    batch_index: str
+    head_index: str
+
+    @classmethod
+    def of(cls, layout: BlockMaskLayout, q_heads: int) -> BlockMaskContext:
+        return cls("batch" if layout.per_batch else "1", str(q_heads) if layout.per_head else "1",
+                   "b" if layout.per_batch else "0", "h" if layout.per_head else "0")
+
+
+@dataclass(frozen=True)
 class KernelContext:
     kernel_name: str
     family: str
@@ -93,12 +110,14 @@ class KernelContext:
     # (in ``qk``, the q·k product, ``score_row[i]`` and ``score_column[j]``) into acc_s; "": acc_s keeps qk itself.
     score_fold: float = 1.0
     score_element: str = ""
+    block_mask: BlockMaskContext | None = None  # the forward visits the kv tiles a run-time block mask lists
     bwd: BackwardContext | None = None  # set for the backward families (cpu_bwd, bwd) by make_bwd_context
 
 
 def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMap, config: KernelConfig,
-                 dtype: str, arch: str = "") -> KernelContext:
-    """Print the IR's expressions and the tile map into a context for ``family``'s template (on ``arch``)."""
+                 dtype: str, arch: str = "", block_mask: BlockMaskLayout | None = None) -> KernelContext:
+    """Print the IR's expressions and the tile map into a context for ``family``'s template (on ``arch``); with
+    ``block_mask``, the kernel takes a run-time block mask of that layout."""
     buffers = tuple(InputBuffer(t.name, f"in_{t.name}", t.dtype, len(t.shape)) for t in ir.inputs)
     tensors = {t.name: t.buffer for t in buffers}
     dtypes = {t.name: t.dtype for t in ir.inputs}
@@ -153,6 +172,7 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
         caches=tuple(caches),
         score_fold=fold,
         score_element=element,
+        block_mask=BlockMaskContext.of(block_mask, ir.q_heads) if block_mask else None,
     )
 
 
@@ -176,6 +196,14 @@ def _element_loop(score: sympy.Expr, scale: float, hoisted, names: dict, tensors
     element = "" if rewritten.element == QK else text(
         rewritten.element, {QK: "qk", ROW: "score_row[i]", COLUMN: "score_column[j]"})
     return float(rewritten.fold), element, vectors
+
+
+def make_block_mask_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMap, config: KernelConfig,
+                            layout: BlockMaskLayout, arch: str = "") -> KernelContext:
+    """The context of the kernel that classifies tiles for a run-time block mask of ``layout``: the mask printed
+    as it reads (no hoisting: a thread evaluates a whole row of a tile), the tile map's visit range."""
+    ctx = make_context(family, kernel_name, ir, tilemap, config, "int8", block_mask=layout)
+    return dataclasses.replace(ctx, arch=arch)
 
 
 @dataclass(frozen=True)

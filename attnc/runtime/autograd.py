@@ -266,10 +266,11 @@ def _(q, k, v, out, lse, dout, dlse, extras, op_id, wanted):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, extras, op_id = inputs
+    q, k, v, extras, op_id, block_mask, _ = inputs  # the block mask only steers the forward: no gradient
     out, lse = output
     ctx.op_id = op_id
     ctx.n_extras = len(extras)
+    ctx.n_block_mask = len(block_mask)
     ctx.save_for_backward(q, k, v, out, lse, *extras)
 
 
@@ -284,7 +285,7 @@ def _backward(ctx, dout, dlse):
     grads: list[torch.Tensor | None] = [None] * ctx.n_extras
     for i, g in zip(wanted, dextras):
         grads[i] = g
-    return dq, dk, dv, grads, None
+    return dq, dk, dv, grads, None, [None] * ctx.n_block_mask, None
 
 
 torch.library.register_autograd("attnc::forward", _backward, setup_context=_setup_context)

@@ -125,7 +125,7 @@ def _sync(device: torch.device) -> None:
 
 def check_op(op, *, batch: int = 2, q_len: int = 128, kv_len: int | None = None, dtype: torch.dtype | None = None,
              inputs: Mapping[str, torch.Tensor] | None = None, seed: int | None = None,
-             name: str | None = None) -> CheckResult:
+             name: str | None = None, block_mask: bool = False) -> CheckResult:
     """Build ``op`` (a `CompiledAttention`) for ``dtype``, run it on random inputs and compare with the reference.
 
     Args:
@@ -135,6 +135,8 @@ def check_op(op, *, batch: int = 2, q_len: int = 128, kv_len: int | None = None,
         inputs: extra tensors to pass by name, overriding the spec's captured ones (default: the captured ones).
         seed: seeds q, k, v and sinks (default: a fresh random seed, recorded in the result).
         name: the label of the result (default: the spec's name).
+        block_mask: make the op's block mask ahead (``op.block_mask``) and pass it to the calls (default: False,
+            each call computes its own); for ops whose mask reads a tensor.
     """
     from attnc.runtime.compiled import TARGET_DTYPES
     from attnc.runtime.reference import attention_reference
@@ -160,10 +162,11 @@ def check_op(op, *, batch: int = 2, q_len: int = 128, kv_len: int | None = None,
     q, k, v = random_qkv(ir, batch, q_len, kv_len, dtype, device, generator)
     sinks = random_sinks(ir, device, generator)
 
-    out, lse = op(q, k, v, sinks=sinks, return_lse=True, **given)
+    mask = op.block_mask(q_len, kv_len, batch=batch, dtype=dtype, device=device, **given) if block_mask else None
+    out, lse = op(q, k, v, sinks=sinks, return_lse=True, block_mask=mask, **given)
     _sync(device)
     start = time.perf_counter()  # a second call, timed: the first pays one-time costs (torch's op dispatch set-up)
-    op(q, k, v, sinks=sinks, return_lse=True, **given)
+    op(q, k, v, sinks=sinks, return_lse=True, block_mask=mask, **given)
     _sync(device)
     run_s = time.perf_counter() - start
 

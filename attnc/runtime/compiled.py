@@ -7,11 +7,13 @@ from typing import Mapping, Sequence
 import torch
 
 from attnc.codegen.build import Target
+from attnc.dsl.blockmask import block_mask_layout
 from attnc.dsl.spec import Attention
 from attnc.errors import InputError, SpecError, UnsupportedError
 from attnc.runtime import autograd as _autograd  # noqa: F401  (registers the backward of attnc::forward)
 from attnc.runtime import custom_op
-from attnc.runtime.kernels import KERNEL_DTYPES, Kernel
+from attnc.runtime.blockmask import BlockMask, check_block_mask, classify, compact
+from attnc.runtime.kernels import KERNEL_DTYPES, BlockMaskKernel, Kernel
 from attnc.runtime.support import check_supported
 from attnc.runtime.validate import IndexBounds, Shapes, check_extras, check_qkv, check_sinks
 from attnc.schedules import tuner
@@ -45,6 +47,9 @@ class CompiledAttention:
     Kernels are built on first use per (dtype, config) (or ahead of time with `build`), cached in memory and on
     disk. The config of a call comes from the tuning database for the call's shape bucket when it has an entry,
     else from the default heuristic (`config_for`); an explicit ``config`` overrides both.
+
+    A mask that reads a tensor (``block_mask_layout`` is not None) runs with a block mask computed per call from
+    the lengths and the tensors' values, or made once with `block_mask` and passed as ``block_mask=``.
     """
 
     def __init__(self, spec: Attention, target: Target, config: KernelConfig | None = None,
@@ -61,6 +66,9 @@ class CompiledAttention:
         self._dispatch: dict[tuple, tuple[KernelConfig, str]] = {}  # tuner.dispatch_slot -> (config, source)
         self._bounds = IndexBounds(self.ir)
         self._captured = spec.captured_tensors()
+        self.block_mask_layout = block_mask_layout(self.ir.mask)
+        self._mask_owner = (self.ir.key, target.label)  # what a block mask of this op records (read when traced)
+        self._classifiers: dict[tuple[int, int], BlockMaskKernel] = {}
         self.op_id = custom_op.register(self)
 
     def config(self, dtype: torch.dtype) -> KernelConfig:
@@ -108,15 +116,79 @@ class CompiledAttention:
         return shapes, extras + ([sink] if sink is not None else [])
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sinks: torch.Tensor | None = None,
-                 return_lse: bool = False, **inputs: torch.Tensor):
+                 return_lse: bool = False, block_mask: BlockMask | None = None, **inputs: torch.Tensor):
         """Attention of ``q`` over ``k``, ``v``; with ``return_lse=True`` also the natural-log log-sum-exp
-        (batch, q_heads, q_len), float32."""
-        _, extras = self.prepare(q, k, v, inputs, sinks)
-        out, lse = custom_op.forward(q, k, v, extras, self.op_id)
+        (batch, q_heads, q_len), float32. ``block_mask``: one made by `block_mask` for these lengths (default:
+        None, computed in the call when the mask reads a tensor); the call then runs with its config."""
+        shapes, extras = self.prepare(q, k, v, inputs, sinks)
+        mask_tensors, mask_config = [], ""
+        if block_mask is not None:
+            check_block_mask(block_mask, spec_key=self._mask_owner[0], target=self._mask_owner[1],
+                             layout=self.block_mask_layout, batch=shapes.batch, q_len=shapes.q_len,
+                             kv_len=shapes.kv_len, device=q.device, config=self._config)
+            mask_tensors, mask_config = block_mask.tensors(), block_mask.config_json
+        out, lse = custom_op.forward(q, k, v, extras, self.op_id, mask_tensors, mask_config)
         return (out, lse) if return_lse else out
 
-    def launch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: list[torch.Tensor]):
-        """Run the kernel on validated tensors; (out, lse)."""
+    def block_mask(self, q_len: int, kv_len: int | None = None, *, batch: int = 1, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None, **inputs: torch.Tensor) -> BlockMask:
+        """The block mask of calls at these sizes, made now to pass as ``op(q, k, v, block_mask=bm, **inputs)``.
+
+        Args:
+            q_len, kv_len: the call's lengths (``kv_len`` defaults to ``q_len``).
+            batch: the call's batch size (default 1); with a mask that reads ``b``, the mask serves only it.
+            dtype: the call's dtype (default: the target's first), which with the sizes picks the kernel config.
+            device: where the mask tensors live (default: the current cuda device, or the cpu).
+            inputs: the tensors the mask reads, by name (default: the ones the mods captured). The block mask
+                holds for these values only.
+        """
+        if self.block_mask_layout is None:
+            raise InputError("this op's mask reads no tensor: the compile-time tile map decides its tiles, and it "
+                             "takes no block mask")
+        kv_len = q_len if kv_len is None else kv_len
+        for name, value in (("q_len", q_len), ("kv_len", kv_len), ("batch", batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(f"block_mask `{name}` must be a non-negative int; got {value!r}")
+        dtype = dtype or TARGET_DTYPES[self.target.kind][0]
+        if dtype not in TARGET_DTYPES[self.target.kind]:
+            names = ", ".join(str(d).replace("torch.", "") for d in TARGET_DTYPES[self.target.kind])
+            raise InputError(f"block_mask `dtype` must be one the {self.target.kind} target computes in ({names}); "
+                             f"got {dtype}")
+        device = torch.device(device or ("cuda" if self.target.kind == "cuda" else "cpu"))
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        extras = check_extras(self.ir, inputs, self._captured, device)
+        named = {t.name: e for t, e in zip(self.ir.inputs, extras)}
+        self._bounds.check(Shapes(batch, q_len, kv_len), named)
+        config, _ = self.config_for(dtype, batch, q_len, kv_len, named)
+        return self._make_block_mask(config, batch, q_len, kv_len, extras, device)
+
+    def _make_block_mask(self, config: KernelConfig, batch: int, q_len: int, kv_len: int,
+                         inputs: list[torch.Tensor], device: torch.device) -> BlockMask:
+        tiles = (config.block_m, config.block_n)
+        if tiles not in self._classifiers:
+            self._classifiers[tiles] = BlockMaskKernel.render(self.ir, *tiles, self.target)
+        tile_kind = classify(self._classifiers[tiles], inputs, self.block_mask_layout, batch, self.ir.q_heads,
+                             q_len, kv_len, device)
+        kv_count, kv_list = compact(tile_kind)
+        return BlockMask(*self._mask_owner, config, config.to_json(), batch, q_len, kv_len, tile_kind,
+                         kv_count, kv_list)
+
+    def block_mask_tensors(self, config: KernelConfig, q: torch.Tensor, k: torch.Tensor,
+                           extras: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What a forward kernel of ``config`` takes after ``extras`` for these q, k: the tensors of a block mask
+        computed now when the mask reads a tensor, else nothing."""
+        if self.block_mask_layout is None:
+            return []
+        bshd = self.ir.layout == "bshd"
+        batch, q_len, kv_len = q.shape[0], q.shape[1 if bshd else 2], k.shape[1 if bshd else 2]
+        inputs = extras[:len(self.ir.inputs)]
+        return self._make_block_mask(config, batch, q_len, kv_len, inputs, q.device).tensors()
+
+    def launch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: list[torch.Tensor],
+               block_mask: list[torch.Tensor], block_config: str):
+        """Run the kernel on validated tensors, with ``block_mask``'s tensors and config (``block_config``, JSON)
+        when given; (out, lse)."""
         ir = self.ir
         if ir.layout == "bshd":
             batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
@@ -129,8 +201,13 @@ class CompiledAttention:
             return out, lse
         if kv_len == 0:
             return out.zero_(), lse.fill_(float("-inf"))
-        config, _ = self.config_for(q.dtype, batch, q_len, kv_len, {t.name: e for t, e in zip(ir.inputs, extras)})
-        self.kernel(q.dtype, config)(q, k, v, *extras, out, lse)
+        if block_config:
+            config = KernelConfig.from_json(block_config)
+        else:
+            config, _ = self.config_for(q.dtype, batch, q_len, kv_len,
+                                        {t.name: e for t, e in zip(ir.inputs, extras)})
+            block_mask = self.block_mask_tensors(config, q, k, extras)
+        self.kernel(q.dtype, config)(q, k, v, *extras, *block_mask, out, lse)
         return out, lse
 
     def __repr__(self) -> str:
@@ -142,6 +219,10 @@ class CompiledAttention:
                          f"config={config.short()} ({source})")
         if not self._kernels:
             lines.append("  no kernel built yet (built on first call or by .build(dtype))")
+        if self.block_mask_layout is not None:
+            layout = self.block_mask_layout
+            lines.append(f"  block mask: computed at run time (varies with b: {layout.per_batch}, with h: "
+                         f"{layout.per_head}); op.block_mask(...) makes one to reuse")
         return "\n".join(lines)
 
 

@@ -1,7 +1,10 @@
 """The torch.library custom op every compiled attention runs through, so torch.compile traces it.
 
-One op, ``attnc::forward(q, k, v, extras, op_id) -> (out, lse)``: ``op_id`` names a registered
-`CompiledAttention` in this process. Its fake implementation gives the output shapes without running anything.
+One op, ``attnc::forward(q, k, v, extras, op_id, block_mask, block_config) -> (out, lse)``: ``op_id`` names a
+registered `CompiledAttention` in this process; ``block_mask`` holds the tensors of a block mask made ahead
+(`attnc.runtime.blockmask.BlockMask`) and ``block_config`` the kernel config it was made for (JSON), or ``[]`` and
+``""`` (the op computes one per call when its mask reads a tensor). Its fake implementation gives the output shapes
+without running anything.
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ def register(op) -> str:
 
 
 @torch.library.custom_op("attnc::forward", mutates_args=())
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: list[torch.Tensor],
-            op_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _OPS[op_id].launch(q, k, v, list(extras))
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: list[torch.Tensor], op_id: str,
+            block_mask: list[torch.Tensor], block_config: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _OPS[op_id].launch(q, k, v, list(extras), list(block_mask), block_config)
 
 
 @forward.register_fake
-def _(q, k, v, extras, op_id):
+def _(q, k, v, extras, op_id, block_mask, block_config):
     ir = _OPS[op_id].ir
     if ir.layout == "bshd":
         batch, q_len = q.shape[0], q.shape[1]

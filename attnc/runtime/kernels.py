@@ -1,4 +1,7 @@
-"""One built kernel: the IR, tile map, config and source that made it, and a launcher over torch tensors."""
+"""Built kernels: the IR, tile map, config and source that made each, and a launcher over torch tensors.
+
+`Kernel` is a forward kernel; `BlockMaskKernel` the classifier of a run-time block mask (`attnc.dsl.blockmask`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ import torch
 
 from attnc.codegen import build, render
 from attnc.codegen.cache import derive_key, versions
-from attnc.codegen.context import make_context
+from attnc.codegen.context import make_block_mask_context, make_context
+from attnc.dsl.blockmask import BlockMaskLayout, block_mask_layout
 from attnc.dsl.ir import AttentionIR
 from attnc.dsl.tilemap import TileMap, analyse
 from attnc.schedules.config import KernelConfig
@@ -17,16 +21,20 @@ from attnc.schedules.resources import require_fits
 KERNEL_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def kernel_key(family: str, ir: AttentionIR, config: KernelConfig, dtype: str, target: build.Target) -> str:
+def kernel_key(family: str, ir: AttentionIR, config: KernelConfig, dtype: str, target: build.Target,
+               block_mask: BlockMaskLayout | None = None) -> str:
     """``<family>_<dtype>_d<qk_dim>_<target>_<hash>`` over everything the kernel depends on."""
     prefix = f"{family}_{dtype}_d{ir.qk_dim}_{target.label}"
-    return derive_key(prefix, {
+    payload = {
         "ir": ir.canonical(),
         "template": render.template_hash(family),
         "config": config.to_json(),
         "target": [target.kind, target.arch],
         "versions": versions(),
-    })
+    }
+    if block_mask is not None:
+        payload["block_mask"] = block_mask.canonical()
+    return derive_key(prefix, payload)
 
 
 def pass_configs(family: str, target: build.Target) -> dict:
@@ -72,21 +80,57 @@ class BuiltKernel:
 
 @dataclass
 class Kernel(BuiltKernel):
-    """A forward kernel for one (IR, family, dtype, config, target), with the tile map and config that made it."""
+    """A forward kernel for one (IR, family, dtype, config, target), with the tile map and config that made it.
+
+    ``block_mask``: the layout of the run-time block mask the kernel takes after the extras (its tile kinds, kv
+    tile counts and lists), None when the tile map alone decides which tiles it visits.
+    """
 
     tilemap: TileMap
     config: KernelConfig
+    block_mask: BlockMaskLayout | None = None
 
     @classmethod
-    def render(cls, family: str, ir: AttentionIR, config: KernelConfig, dtype: str, target: build.Target) -> Kernel:
-        """Render (not build) ``family``'s kernel; a config the target's resources cannot hold is refused first."""
+    def render(cls, family: str, ir: AttentionIR, config: KernelConfig, dtype: str, target: build.Target,
+               block_mask: bool = True) -> Kernel:
+        """Render (not build) ``family``'s kernel; a config the target's resources cannot hold is refused first.
+        ``block_mask=False`` keeps a data-dependent mask partial everywhere instead of taking a run-time block
+        mask."""
         if target.kind == "cuda":
             require_fits(family, target.arch, config, qk_dim=ir.qk_dim, v_dim=ir.v_dim, group=ir.group,
                          dtype_bytes=2)
         tilemap = analyse(ir.mask, config.block_m, config.block_n)
-        key = kernel_key(family, ir, config, dtype, target)
-        ctx = make_context(family, f"attnc_{family}", ir, tilemap, config, dtype, target.arch)
-        return cls(family, key, render.render(ctx), target, tilemap=tilemap, config=config)
+        layout = block_mask_layout(ir.mask) if block_mask else None
+        key = kernel_key(family, ir, config, dtype, target, layout)
+        ctx = make_context(family, f"attnc_{family}", ir, tilemap, config, dtype, target.arch, layout)
+        return cls(family, key, render.render(ctx), target, tilemap=tilemap, config=config, block_mask=layout)
+
+
+@dataclass
+class BlockMaskKernel(BuiltKernel):
+    """The classifier of a run-time block mask: ``kernel(*inputs, tile_kind, q_len, kv_len)`` fills ``tile_kind``
+    (planes, q tiles, kv tiles; int8) with 0 empty / 1 partial / 2 full for the tiles of ``block_m`` x ``block_n``."""
+
+    layout: BlockMaskLayout
+    block_m: int
+    block_n: int
+
+    @classmethod
+    def render(cls, ir: AttentionIR, block_m: int, block_n: int, target: build.Target) -> BlockMaskKernel:
+        """Render (not build) the classifier of ``ir``'s mask for these tiles; ``ir`` must need a block mask."""
+        layout = block_mask_layout(ir.mask)
+        family = "cpu_block_mask" if target.kind == "cpu" else "block_mask"
+        config = KernelConfig(block_m=block_m, block_n=block_n, stages=1, threads=block_m)
+        key = derive_key(f"{family}_{target.label}", {
+            "ir": ir.canonical(),
+            "template": render.template_hash(family),
+            "tiles": [block_m, block_n],
+            "target": [target.kind, target.arch],
+            "versions": versions(),
+        })
+        tilemap = analyse(ir.mask, block_m, block_n)
+        ctx = make_block_mask_context(family, f"attnc_{family}", ir, tilemap, config, layout, target.arch)
+        return cls(family, key, render.render(ctx), target, layout=layout, block_m=block_m, block_n=block_n)
 
 
 def _build_job(job: tuple, cache: str) -> str | None:
@@ -94,7 +138,10 @@ def _build_job(job: tuple, cache: str) -> str | None:
 
     os.environ["ATTNC_CACHE_DIR"] = cache
     try:
-        Kernel.render(*job).build()
+        if job[0] in ("block_mask", "cpu_block_mask"):
+            BlockMaskKernel.render(*job[1:]).build()
+        else:
+            Kernel.render(*job).build()
     except Exception as error:  # reported to the caller, which decides
         return f"{type(error).__name__}: {error}"
     return None
@@ -102,7 +149,8 @@ def _build_job(job: tuple, cache: str) -> str | None:
 
 def build_in_parallel(jobs: list[tuple], workers: int) -> list[str | None]:
     """Build ``Kernel.render(*job)`` for every job in ``workers`` spawned processes, into this process's cache
-    (a later render + build here then loads from disk in milliseconds); each job's error text, or None."""
+    (a later render + build here then loads from disk in milliseconds); each job's error text, or None. A job
+    ``("block_mask", ir, block_m, block_n, target)`` builds ``BlockMaskKernel.render(ir, block_m, block_n, target)``."""
     import concurrent.futures
     import multiprocessing
 

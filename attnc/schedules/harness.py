@@ -5,7 +5,8 @@ bucket's real sizes, and running one forward kernel on them.
 pre-filled with NaN so a kernel that writes nothing fails) and compares it with `attention_reference` by DESIGN.md's
 rule: fp32 max abs error ≤ 1e-4; bf16/fp16 ≤ 2× torch's own same-precision error + 1e-5; the lse likewise, with -inf
 exactly where the reference has it. `Harness.time(kernel)` times it with `timing.measure` over `timing.buffer_count`
-rotating input sets. Forward kernels are called as ``kernel(q, k, v, *extras, out, lse)``.
+rotating input sets. Forward kernels are called as ``kernel(q, k, v, *extras, *block_mask, out, lse)``, the block
+mask's tensors (when the mask reads a tensor) made for the kernel's tiles before timing, as FlexAttention's are.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class Harness:
     def verify(self, kernel) -> str | None:
         """None when ``kernel`` agrees with the reference, else what is wrong."""
         out, lse = outputs(self.ir, self.check_q, fill=float("nan"))  # a kernel that writes nothing must not pass
-        kernel(self.check_q, self.check_k, self.check_v, *self.check_extras, out, lse)
+        mask = self.op.block_mask_tensors(kernel.config, self.check_q, self.check_k, self.check_extras)
+        kernel(self.check_q, self.check_k, self.check_v, *self.check_extras, *mask, out, lse)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         error = max_abs_error(out, self.ref_out)
@@ -106,5 +108,6 @@ class Harness:
     def time(self, kernel, max_seconds: float | None = None) -> timing.Timing:
         """``kernel``'s times at the full sizes, rotating among the input sets (made on first use)."""
         sets, extras = self._timing_inputs()
+        extras = extras + self.op.block_mask_tensors(kernel.config, sets[0][0], sets[0][1], extras)
         return timing.measure(lambda q, k, v, out, lse: kernel(q, k, v, *extras, out, lse), sets, device=self.device,
                               warmup=self.warmup, reps=self.reps, max_seconds=max_seconds)

@@ -26,7 +26,8 @@ that a run never ends without a result it can still get: builds go on until one 
 timings until one candidate has been timed. A tqdm bar shows the candidates built, timed and the best so far.
 
 The tuner runs the forward families (``fwd``, ``cpu_fwd``), whose kernels are called as
-``kernel(q, k, v, *extras, out, lse)``; other families are refused until they have a runner here.
+``kernel(q, k, v, *extras, *block_mask, out, lse)`` (`attnc.schedules.harness`); other families are refused until
+they have a runner here.
 """
 
 from __future__ import annotations

@@ -208,6 +208,14 @@ def test_max_candidates_and_budget(tmp_path):
 
 # --- the command ---------------------------------------------------------------------------------------------------
 
+def test_a_document_mask_is_checked_and_timed_with_its_block_mask(tmp_path):
+    docs = torch.repeat_interleave(torch.arange(4), torch.tensor([10, 20, 5, 29])).to(torch.int32)
+    spec = attnc.Attention(2, qk_dim=16, v_dim=16, mask_mod=attnc.mods.document(docs) & attnc.mods.causal())
+    result = tuner.tune(spec, target="cpu", batch=1, q_len=64, configs=[SMALL, DEFAULT],
+                        database=tmp_path / "tuning.sqlite", **QUIET)
+    assert result.count("timed") == 2 and result.best in (SMALL, DEFAULT)
+
+
 def test_parse_lengths():
     assert parse_lengths("1k,4k, 2k:8k,100") == [(1024, 1024), (4096, 4096), (2048, 8192), (100, 100)]
     for bad in ("", "0", "1x", "1:2:3", "-4"):
