@@ -7,6 +7,7 @@ compiled with torch.compile, whose create_block_mask time is reported as its set
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable
 
@@ -59,14 +60,21 @@ def _flex(case: Case, qs, ks, vs):
     return setup_ms, run
 
 
-def _attnc(case: Case, qs, ks, vs):
-    device = qs[0].device
+def _attnc(case: Case, qs, ks, vs, default: bool = False):
+    """attnc's op; with ``default``, pinned to the default heuristic's config whatever the tuning database holds
+    (timed beside the tuned op by ``attnc bench --tune``)."""
+    from attnc.runtime.compiled import resolve_target
+    from attnc.runtime.kernels import KERNEL_DTYPES
+    from attnc.schedules.heuristics import default_config
+
+    device, dtype = qs[0].device, qs[0].dtype
     spec = case.spec(device)
+    config = default_config("fwd", resolve_target("cuda").arch, spec.ir, KERNEL_DTYPES[dtype]) if default else None
     start = time.perf_counter()
-    op = attnc.compile(spec, target="cuda", dtype=qs[0].dtype)
+    op = attnc.compile(spec, target="cuda", dtype=dtype, config=config)
     block_mask = None
     if op.block_mask_layout is not None:  # a mask that reads a tensor: its block mask is made once, as Flex's is
-        block_mask = op.block_mask(case.seq, case.seq, batch=case.batch, dtype=qs[0].dtype)
+        block_mask = op.block_mask(case.seq, case.seq, batch=case.batch, dtype=dtype)
         torch.cuda.synchronize()
     setup_ms = (time.perf_counter() - start) * 1e3
 
@@ -76,27 +84,9 @@ def _attnc(case: Case, qs, ks, vs):
     return setup_ms, run
 
 
-def _attnc_default(case: Case, qs, ks, vs):
-    """attnc with the default heuristic's config, whatever the tuning database holds (beside a tuned run)."""
-    from attnc.runtime.compiled import resolve_target
-    from attnc.runtime.kernels import KERNEL_DTYPES
-    from attnc.schedules.heuristics import default_config
-
-    spec = case.spec(qs[0].device)
-    config = default_config("fwd", resolve_target("cuda").arch, spec.ir, KERNEL_DTYPES[qs[0].dtype])
-    start = time.perf_counter()
-    op = attnc.compile(spec, target="cuda", config=config, dtype=qs[0].dtype)
-    setup_ms = (time.perf_counter() - start) * 1e3
-
-    def run(i):
-        return op(qs[i], ks[i], vs[i])
-    run.op = op
-    return setup_ms, run
-
-
 PEERS: dict[str, Callable] = {
     "attnc": _attnc,
-    "attnc_default": _attnc_default,
+    "attnc_default": functools.partial(_attnc, default=True),
     "cudnn": _sdpa("CUDNN_ATTENTION"),
     "fa2": _sdpa("FLASH_ATTENTION"),
     "flex": _flex,

@@ -115,14 +115,18 @@ class KernelContext:
 
 
 def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMap, config: KernelConfig,
-                 dtype: str, arch: str = "", block_mask: BlockMaskLayout | None = None) -> KernelContext:
+                 dtype: str, arch: str = "", block_mask: BlockMaskLayout | None = None,
+                 plain: bool = False) -> KernelContext:
     """Print the IR's expressions and the tile map into a context for ``family``'s template (on ``arch``); with
-    ``block_mask``, the kernel takes a run-time block mask of that layout."""
+    ``block_mask``, the kernel takes a run-time block mask of that layout. ``plain`` (cuda): no reads hoisted out of
+    the element loop and no score rewrite (`score_rewrite`): each element computes ``score_mod(scale · qk)`` as
+    written, the fallback for a kernel tilelang fails to build with them."""
     buffers = tuple(InputBuffer(t.name, f"in_{t.name}", t.dtype, len(t.shape)) for t in ir.inputs)
     tensors = {t.name: t.buffer for t in buffers}
     dtypes = {t.name: t.dtype for t in ir.inputs}
     cuda = bool(arch)
-    (score, mask), hoisted, cache_names = hoist(ir.score, ir.mask) if cuda else ((ir.score, ir.mask), (), {})
+    optimised = cuda and not plain
+    (score, mask), hoisted, cache_names = hoist(ir.score, ir.mask) if optimised else ((ir.score, ir.mask), (), {})
 
     def text(expr) -> str:
         return print_expr(expr, {**KERNEL_NAMES, **cache_names}, tensors, fast_tanh=cuda)
@@ -135,10 +139,13 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
         value = value if source == cache_dtype else f'T.cast({value}, "float32")'
         caches.append(CacheFill(read.cache, read.level, cache_dtype, value, f'T.cast(0, "{cache_dtype}")'))
     fold, element = 1.0, ""
-    if cuda:
+    if optimised:
         fold, element, vectors = _element_loop(score, ir.scale, hoisted, {**KERNEL_NAMES, **cache_names}, tensors,
                                                config.block_m)
         caches += vectors
+    elif cuda:
+        element = print_expr(score.subs(symbols.score, ir.scale * QK), {**KERNEL_NAMES, QK: "qk"}, tensors,
+                             fast_tanh=True)
 
     return KernelContext(
         kernel_name=kernel_name,

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -15,14 +16,17 @@ from attnc.codegen.context import make_block_mask_context, make_context
 from attnc.dsl.blockmask import BlockMaskLayout, block_mask_layout
 from attnc.dsl.ir import AttentionIR
 from attnc.dsl.tilemap import TileMap, analyse
+from attnc.errors import BuildError
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.resources import require_fits
+
+log = logging.getLogger(__name__)
 
 KERNEL_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def kernel_key(family: str, ir: AttentionIR, config: KernelConfig, dtype: str, target: build.Target,
-               block_mask: BlockMaskLayout | None = None) -> str:
+               block_mask: BlockMaskLayout | None = None, plain: bool = False) -> str:
     """``<family>_<dtype>_d<qk_dim>_<target>_<hash>`` over everything the kernel depends on."""
     prefix = f"{family}_{dtype}_d{ir.qk_dim}_{target.label}"
     payload = {
@@ -34,6 +38,8 @@ def kernel_key(family: str, ir: AttentionIR, config: KernelConfig, dtype: str, t
     }
     if block_mask is not None:
         payload["block_mask"] = block_mask.canonical()
+    if plain:
+        payload["plain"] = True
     return derive_key(prefix, payload)
 
 
@@ -89,21 +95,41 @@ class Kernel(BuiltKernel):
     tilemap: TileMap
     config: KernelConfig
     block_mask: BlockMaskLayout | None = None
+    ir: AttentionIR | None = field(default=None, repr=False)
+    dtype: str = ""
+    plain: bool = False
 
     @classmethod
     def render(cls, family: str, ir: AttentionIR, config: KernelConfig, dtype: str, target: build.Target,
-               block_mask: bool = True) -> Kernel:
+               block_mask: bool = True, plain: bool = False) -> Kernel:
         """Render (not build) ``family``'s kernel; a config the target's resources cannot hold is refused first.
         ``block_mask=False`` keeps a data-dependent mask partial everywhere instead of taking a run-time block
-        mask."""
+        mask; ``plain``: see `make_context` (`build` falls back to it by itself)."""
         if target.kind == "cuda":
             require_fits(family, target.arch, config, qk_dim=ir.qk_dim, v_dim=ir.v_dim, group=ir.group,
                          dtype_bytes=2)
         tilemap = analyse(ir.mask, config.block_m, config.block_n)
         layout = block_mask_layout(ir.mask) if block_mask else None
-        key = kernel_key(family, ir, config, dtype, target, layout)
-        ctx = make_context(family, f"attnc_{family}", ir, tilemap, config, dtype, target.arch, layout)
-        return cls(family, key, render.render(ctx), target, tilemap=tilemap, config=config, block_mask=layout)
+        key = kernel_key(family, ir, config, dtype, target, layout, plain)
+        ctx = make_context(family, f"attnc_{family}", ir, tilemap, config, dtype, target.arch, layout, plain)
+        return cls(family, key, render.render(ctx), target, tilemap=tilemap, config=config, block_mask=layout, ir=ir,
+                   dtype=dtype, plain=plain)
+
+    def build(self) -> Kernel:
+        """Build (or load); a cuda kernel that tilelang 0.1.15 cannot lower with hoisted reads or score vectors
+        ("[ThreadSync] Cannot lower a required shared-memory sync inside a divergent region", seen with a
+        per-column read under a branch on q_idx and kv_idx) is built `plain` instead, with a logged warning."""
+        try:
+            return super().build()
+        except BuildError as error:
+            if self.plain or self.target.kind != "cuda" or "[ThreadSync]" not in str(error):
+                raise
+            log.warning("%s: tilelang cannot lower the optimised element loop (%s); building it plain", self.key,
+                        str(error).splitlines()[0][:160])
+            plain = Kernel.render(self.family, self.ir, self.config, self.dtype, self.target,
+                                  block_mask=self.block_mask is not None, plain=True).build()
+            self.key, self.source, self.compiled, self.plain = plain.key, plain.source, plain.compiled, True
+            return self
 
 
 @dataclass

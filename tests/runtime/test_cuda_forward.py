@@ -61,6 +61,25 @@ def test_a_score_branching_on_q_and_kv_builds_at_head_dim_64():
     assert build_in_parallel(forward_jobs([spec], "sm_90a"), workers=1) == [None]
 
 
+def branch_on_q_and_kv_spec():
+    """A spec whose optimised d64 kernel tilelang 0.1.15 cannot lower ([ThreadSync]): a per-column read under a
+    branch on q_idx and kv_idx, with this mask."""
+    bias = torch.randn(4, 4096) * 0.1
+    return attnc.Attention(4, qk_dim=64, mask_mod=lambda b, h, q, kv: (q % 3 != 0) & (kv <= q),
+                           score_mod=lambda s, b, h, q, kv: s + torch.where(kv <= q, bias[h, kv], 0.5 * bias[h, kv]),
+                           name="branch_on_q_and_kv")
+
+
+@needs_nvcc
+def test_a_kernel_tilelang_cannot_lower_optimised_is_built_plain(caplog):
+    spec = branch_on_q_and_kv_spec()
+    kernel = Kernel.render("fwd", spec.ir, attnc.KernelConfig(192, 128, 2, 384), "bfloat16", Target("cuda", "sm_90a"))
+    assert "column_cache" in kernel.source and not kernel.plain
+    kernel.build()
+    assert kernel.plain and "column_cache" not in kernel.source and "wgmma" in kernel.device_source()
+    assert "building it plain" in caplog.text
+
+
 def test_a_config_that_does_not_fit_is_refused_before_building():
     spec = attnc.Attention(8, qk_dim=256, mask_mod=mods.causal())
     with pytest.raises(attnc.UnsupportedError, match=r"shared memory \d+ bytes exceeds the sm_90a limit of 232448"):
@@ -138,6 +157,14 @@ def test_example_matches_the_reference_on_the_gpu(gpu_ops, name, q_len, kv_len, 
 @pytest.mark.parametrize("name", ["causal_gqa", "softcap_window_sinks", "alibi_prefix", "relative_bias_chunked"])
 def test_every_head_dim_matches_the_reference_on_the_gpu(gpu_ops, name, dims, q_len, kv_len, dtype):
     check(gpu_ops[(name, dims)], q_len, kv_len, dtype, batch=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len, kv_len", [(17, 17), (1000, 1000), (1000, 333)])
+def test_a_kernel_built_plain_matches_the_reference_on_the_gpu(q_len, kv_len):
+    op = attnc.compile(branch_on_q_and_kv_spec(), target="cuda", config=attnc.KernelConfig(192, 128, 2, 384))
+    check(op, q_len, kv_len, torch.bfloat16)
+    assert op.kernel(torch.bfloat16).plain
 
 
 @pytest.mark.gpu
