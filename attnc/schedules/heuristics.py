@@ -52,7 +52,7 @@ def backward_config(arch: str, ir: AttentionIR, stage: str = "main") -> KernelCo
     cuda ``main`` (and ``pre``, ``post``): kv tiles of 128 rows for head dims up to 128 (64 above, to fit the dK and
     dV accumulators in registers), q tiles of 64, 256 threads: on sm_90a two consumer warpgroups of 64 kv rows each
     (FlashAttention-3's shape for d128; the producer warpgroup is added at launch), with the Q / dO / lse / Delta
-    tiles double-buffered (2 stages).
+    tiles triple-buffered up to head dim 128 (3 stages measured 1.5–2% faster than 2 on the H200), double above.
     cuda ``dq``: q tiles of 128 rows (the warps split the q rows), kv tiles of 64 (32 above head dim 128).
     sm_80 pipelines with one stage: tilelang 0.1.15 cannot lower a multi-stage pipeline with a run-time trip count
     around a gemm there ("Downcast from tirx.Sub to ir.IntImm failed").
@@ -63,4 +63,6 @@ def backward_config(arch: str, ir: AttentionIR, stage: str = "main") -> KernelCo
     stages = 2 if arch == "sm_90a" else 1
     if stage == "dq":
         return KernelConfig(block_m=128, block_n=32 if wide else 64, stages=stages, threads=256)
+    if stage == "main" and arch == "sm_90a" and not wide:
+        stages = 3
     return KernelConfig(block_m=64, block_n=64 if wide else 128, stages=stages, threads=256)
