@@ -131,7 +131,10 @@ def _bias_table(seq: int, device: torch.device) -> torch.Tensor:
 def relative_bias(seq: int = 4096, batch: int = 4) -> Case:
     """A learned relative-position bias (FlexAttention's captured-buffer gradient path in the backward)."""
     def table(device):
-        return _bias_table(seq, torch.device(device))
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must share one table
+            device = torch.device("cuda", torch.cuda.current_device())
+        return _bias_table(seq, device)
 
     def flex_score(device):
         bias = table(device)

@@ -7,11 +7,14 @@ is added at launch.
 
 from __future__ import annotations
 
+import dataclasses
+
 import sympy
 
 from attnc.dsl import symbols
 from attnc.dsl.ir import AttentionIR
 from attnc.schedules.config import KernelConfig
+from attnc.schedules.resources import check
 
 _HOPPER_FWD = {  # (qk_dim, v_dim) -> (block_m, block_n, threads)
     (64, 64): (192, 128, 384),
@@ -52,7 +55,8 @@ def backward_config(arch: str, ir: AttentionIR, stage: str = "main") -> KernelCo
     cuda ``main`` (and ``pre``, ``post``): kv tiles of 128 rows for head dims up to 128 (64 above, to fit the dK and
     dV accumulators in registers), q tiles of 64, 256 threads: on sm_90a two consumer warpgroups of 64 kv rows each
     (FlashAttention-3's shape for d128; the producer warpgroup is added at launch), with the Q / dO / lse / Delta
-    tiles triple-buffered up to head dim 128 (3 stages measured 1.5–2% faster than 2 on the H200), double above.
+    tiles triple-buffered up to head dim 128 where shared memory allows (3 stages measured 1.5–2% faster than 2 on
+    the H200), else double, else single (the deepest ring `resources.check` admits).
     cuda ``dq``: q tiles of 128 rows (the warps split the q rows), kv tiles of 64 (32 above head dim 128).
     sm_80 pipelines with one stage: tilelang 0.1.15 cannot lower a multi-stage pipeline with a run-time trip count
     around a gemm there ("Downcast from tirx.Sub to ir.IntImm failed").
@@ -63,6 +67,12 @@ def backward_config(arch: str, ir: AttentionIR, stage: str = "main") -> KernelCo
     stages = 2 if arch == "sm_90a" else 1
     if stage == "dq":
         return KernelConfig(block_m=128, block_n=32 if wide else 64, stages=stages, threads=256)
-    if stage == "main" and arch == "sm_90a" and not wide:
-        stages = 3
-    return KernelConfig(block_m=64, block_n=64 if wide else 128, stages=stages, threads=256)
+    main = KernelConfig(block_m=64, block_n=64 if wide else 128, stages=stages, threads=256)
+    if stage != "main" or arch != "sm_90a":
+        return main
+    for stages in (3, 2, 1):  # the deepest Q / dO ring that fits (3 only up to head dim 128)
+        config = dataclasses.replace(main, stages=stages)
+        if (stages < 3 or not wide) and not check("bwd", arch, config, qk_dim=ir.qk_dim, v_dim=ir.v_dim,
+                                                   group=ir.group):
+            return config
+    return main

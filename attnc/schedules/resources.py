@@ -27,6 +27,9 @@ What is counted, per template family (``dtype_bytes`` is the input dtype's size;
     16 × warps``: P then goes through shared memory), the fp32 dQ tile ``block_m × qk_dim`` that one TMA
     reduce-add sends to global memory (head dims up to 128, `bwd_dq_staged`), and no dK / dV staging (they are
     staged in K's and V's tiles). Otherwise dQ is added to global memory with atomics straight from registers.
+    On sm_90a each buffer is counted rounded up to ``SMEM_ALIGN`` (tilelang aligns them for TMA and swizzling) and
+    ``SMEM_RESERVE`` bytes are kept for the static shared memory (mbarriers) beside the dynamic allocation: the
+    H200 refused to launch kernels of 232448 and 231936 dynamic bytes that the unaligned count put under its limit.
     registers per thread: the fp32 dK and dV accumulators ``block_n × (qk_dim + v_dim)`` held over the whole loop,
     plus the larger of the per-iteration fp32 tiles: S and dP (``2 × block_m × block_n``) or the dQ partial
     (``block_m × qk_dim``, computed after S and dP are dead), spread over the threads, plus ``OVERHEAD_REGS``. On
@@ -75,6 +78,12 @@ OVERHEAD_REGS = 24
 
 REG_GRANULARITY = 8
 """Registers are allocated per thread in multiples of this."""
+
+SMEM_ALIGN = 1024
+"""Bytes each sm_90a backward shared buffer is rounded up to."""
+
+SMEM_RESERVE = 2048
+"""Bytes of the per-block limit the sm_90a backward leaves for static shared memory (mbarriers)."""
 
 MMA_ROWS = 16
 """Rows one warp's MMA covers; a warp owns a multiple of this."""
@@ -194,8 +203,11 @@ def shared_memory_bytes(
         q_do_tiles = st * (bm * (qk_dim + v_dim) * e + 2 * bm * 4)
         if warp_specialized:
             p_in_shared = bn < MMA_ROWS * max(1, config.threads // 32)
-            dq_tile = bm * qk_dim * 4 if bwd_dq_staged(qk_dim) else 0
-            return kv_tiles + q_do_tiles + (2 + 2 * p_in_shared) * bm * bn * e + dq_tile
+            buffers = [bn * qk_dim * e, bn * v_dim * e, st * bm * qk_dim * e, st * bm * v_dim * e, st * bm * 4,
+                       st * bm * 4, 2 * bm * bn * e]
+            buffers += [2 * bm * bn * e] if p_in_shared else []
+            buffers += [bm * qk_dim * 4] if bwd_dq_staged(qk_dim) else []
+            return sum(_round_up(b, SMEM_ALIGN) for b in buffers) + SMEM_RESERVE
         p_ds_tiles = 2 * bm * bn * e
         dkdv_staging = bn * (qk_dim + v_dim) * e
         return kv_tiles + q_do_tiles + p_ds_tiles + dkdv_staging

@@ -5,6 +5,7 @@ import pytest
 from attnc.errors import UnsupportedError
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.resources import (
+    SMEM_RESERVE,
     ARCHES,
     CPU,
     SM80,
@@ -72,12 +73,23 @@ def test_bwd_shared_memory_terms():
     dkdv = 128 * 256 * 2
     assert shared_memory_bytes("bwd", cfg, **D128) == kv + q_do + p_ds + dkdv
     # sm_90a: dS double-buffered, P in registers (128 kv rows over 8 warps), an fp32 dQ tile for the TMA
-    # reduce-add, dK and dV staged in K's and V's tiles
+    # reduce-add, dK and dV staged in K's and V's tiles; every buffer rounded up to 1 KiB (the 2 × 64 fp32 lse and
+    # delta rows each take 1 KiB), plus the reserve for static shared memory
     dq = 64 * 128 * 4
-    assert shared_memory_bytes("bwd", cfg, **D128, warp_specialized=True) == kv + q_do + 2 * 64 * 128 * 2 + dq
+    rows = 2 * 1024
+    assert shared_memory_bytes("bwd", cfg, **D128, warp_specialized=True) == \
+        kv + 2 * 2 * 64 * 128 * 2 + rows + 2 * 64 * 128 * 2 + dq + SMEM_RESERVE
     square = KernelConfig(block_m=64, block_n=64, stages=2, threads=256)  # 64 kv rows over 8 warps: P in shared
     assert shared_memory_bytes("bwd", square, **D128, warp_specialized=True) == \
-        64 * 256 * 2 + q_do + 4 * 64 * 64 * 2 + dq
+        64 * 256 * 2 + 2 * 2 * 64 * 128 * 2 + rows + 4 * 64 * 64 * 2 + dq + SMEM_RESERVE
+
+
+def test_bwd_kernels_the_h200_refused_to_launch_do_not_fit():
+    """Dynamic shared memory of 232448 and 231936 bytes failed to launch on the H200 (the static mbarriers count
+    against the same limit): the ALiBi + sinks backward at d128 with 3 stages and at d256 with 2."""
+    assert check("bwd", "sm_90a", KernelConfig(64, 128, 3, 256), **D128)
+    assert check("bwd", "sm_90a", KernelConfig(64, 64, 2, 256), qk_dim=256, v_dim=256)
+    assert not check("bwd", "sm_90a", KernelConfig(64, 128, 2, 256), **D128)
 
 
 def test_decode_split_stages_fp32_partials():
