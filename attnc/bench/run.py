@@ -22,6 +22,7 @@ import torch
 from attnc.bench import report
 from attnc.bench.cases import Case, backward_cases, forward_cases
 from attnc.bench.peers import PEERS, NotApplicable
+from attnc.schedules.heuristics import backward_config
 from attnc.schedules.timing import attention_flops, buffer_count, measure, tflops, unmasked_elements
 
 
@@ -155,7 +156,10 @@ def run(cases: list[Case], peers: list[str], *, backward: bool = False, dtype: t
                 timing, peak_mib = _timed(fn, sets, repeats)
                 row.update(ms=timing.median_ms, min_ms=timing.min_ms, peak_mib=peak_mib, setup_ms=setup_ms,
                            tflops=tflops(flops, timing.median_ms))
-                if hasattr(forward, "op"):
+                if hasattr(forward, "op") and backward:
+                    row["config"] = backward_config(forward.op.target.arch, forward.op.ir).short()
+                    row["config_source"] = "backward heuristic"
+                elif hasattr(forward, "op"):
                     config, row["config_source"] = forward.op.config_for(dtype, case.batch, case.seq, case.seq)
                     row["config"] = config.short()
                 if peer == "attnc":
