@@ -261,11 +261,14 @@ def dkv_mode(ir: AttentionIR, dq_mode: str) -> str:
 
 def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: KernelConfig, dtype: str,
                      stage: str = "main", dq_mode: str = "atomic", grads: tuple[str, ...] = (),
-                     warp_specialized: bool = False, dq_tma_reduce: bool = False) -> KernelContext:
+                     warp_specialized: bool = False, dq_tma_reduce: bool = False,
+                     block_mask: BlockMaskLayout | None = None) -> KernelContext:
     """The context of a backward kernel: the forward's (tile map included, for the dQ pass) and `BackwardContext`.
     ``grads`` names the float inputs whose gradients the kernel computes; ``warp_specialized`` and
-    ``dq_tma_reduce``: see `BackwardContext`."""
-    ctx = make_context(family, kernel_name, ir, analyse(ir.mask, config.block_m, config.block_n), config, dtype)
+    ``dq_tma_reduce``: see `BackwardContext`. ``block_mask`` (stages 'main' and 'dq'): the kernel takes a run-time
+    block mask of that layout at its tiles and visits only the tiles it lists (main: per kv tile, the q tiles)."""
+    ctx = make_context(family, kernel_name, ir, analyse(ir.mask, config.block_m, config.block_n), config, dtype,
+                       block_mask=block_mask)
     inputs = {t.name: t for t in ctx.inputs}
     tensors = {t.name: t.buffer for t in ctx.inputs}
     kv_names = {**KERNEL_NAMES, Q_TILE: "kv_tile"}

@@ -24,7 +24,10 @@ Kernels, per (compiled op, dtype, gradients wanted, dQ mode):
 
 The kv-side tile map (which q tiles each kv tile visits, which are full) is the forward's analysis applied to the
 transposed mask (`attnc.dsl.derivative.backward_tiles`), so the backward skips exactly the tiles the forward skips
-for the affine masks, and evaluates the mask only on partial tiles.
+for the affine masks, and evaluates the mask only on partial tiles. A mask that reads tensors (a document mask) gets
+a run-time block mask per call instead (`attnc.runtime.blockmask`), from the mask tensors the forward was called
+with, classified at the backward's own tiles (the forward's block mask is for the forward's tiles): the main kernel
+walks per kv tile its list of non-empty q tiles (the transpose view), the dq stage per q tile its list of kv tiles.
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ import torch
 from attnc.codegen import build, render
 from attnc.codegen.cache import derive_key, versions
 from attnc.codegen.context import dkv_mode, make_bwd_context
+from attnc.dsl.blockmask import BlockMaskLayout, block_mask_layout
 from attnc.dsl.derivative import read_gradients
 from attnc.dsl.ir import AttentionIR
 from attnc.errors import UnsupportedError
 from attnc.runtime import custom_op
-from attnc.runtime.kernels import KERNEL_DTYPES, BuiltKernel
+from attnc.runtime.blockmask import classify, compact, compact_by_kv_tile
+from attnc.runtime.kernels import KERNEL_DTYPES, BlockMaskKernel, BuiltKernel
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.heuristics import backward_config
 from attnc.schedules.resources import bwd_dq_staged
@@ -54,7 +59,8 @@ class Backward:
     inputs read by the score_mod) and dQ mode. ``warp_specialized`` (cuda main kernel; default: on sm_90a) picks
     the Hopper structure (TMA producer, asynchronous wgmma) over the T.Pipelined one that sm_80 runs;
     ``dq_tma_reduce`` (default: when warp-specialised, up to head dim 128) adds dQ tiles by TMA reduce-add rather
-    than per-thread atomics."""
+    than per-thread atomics. ``block_mask``: the layout of the run-time block mask the 'main' and 'dq' stages take
+    (`attnc.dsl.blockmask`), None when the tile map decides their tiles."""
 
     ir: AttentionIR
     target: build.Target
@@ -65,8 +71,11 @@ class Backward:
     warp_specialized: bool | None = None
     dq_tma_reduce: bool | None = None
     stages: dict[str, BuiltKernel] = field(default_factory=dict)
+    classifiers: dict[tuple[int, int], BlockMaskKernel] = field(default_factory=dict)
+    block_mask: BlockMaskLayout | None = field(init=False)
 
     def __post_init__(self):
+        self.block_mask = block_mask_layout(self.ir.mask)
         if self.warp_specialized is None:
             self.warp_specialized = self.target.arch == "sm_90a"
         if self.warp_specialized and self.target.arch != "sm_90a":
@@ -84,6 +93,19 @@ class Backward:
         if self.target.kind == "cpu":
             return ("main",)
         return ("pre", "main", "post") if self.dq_mode == "atomic" else ("pre", "main", "dq")
+
+    def mask_stages(self) -> tuple[str, ...]:
+        """The stages that take a run-time block mask: 'main' and 'dq' when the mask reads tensors, else none."""
+        return tuple(n for n in self.stage_names() if n in ("main", "dq")) if self.block_mask else ()
+
+    def kernel_names(self) -> tuple[str, ...]:
+        """Every kernel a call runs: the stages, then '<stage> block mask', the classifier for each mask stage."""
+        return self.stage_names() + tuple(f"{name} block mask" for name in self.mask_stages())
+
+    def kernel(self, name: str) -> BuiltKernel:
+        """The kernel ``name`` of `kernel_names`, rendered on first request."""
+        stage, _, classifier = name.partition(" ")
+        return self.classifier(stage) if classifier else self.stage(stage)
 
     def config_of(self, stage: str) -> KernelConfig:
         """``config`` for every stage but the cuda dQ pass, which tiles by q rows."""
@@ -103,16 +125,37 @@ class Backward:
                 "dq_mode": self.dq_mode if self.target.kind == "cuda" else "serial",  # cpu: one serial kernel
                 "grads": list(self.grads),
                 "main_structure": [self.warp_specialized, self.dq_tma_reduce] if name == "main" else None,
+                "block_mask": self.block_mask.canonical() if name in self.mask_stages() else None,
                 "versions": versions(),
             })
+            layout = self.block_mask if name in self.mask_stages() else None
             ctx = make_bwd_context(family, f"attnc_{family}_{name}", ir, config, self.dtype, name,
-                                   self.dq_mode, self.grads, self.warp_specialized, self.dq_tma_reduce)
+                                   self.dq_mode, self.grads, self.warp_specialized, self.dq_tma_reduce, layout)
             self.stages[name] = BuiltKernel(family, key, render.render(ctx), self.target)
         return self.stages[name]
 
+    def classifier(self, stage: str) -> BlockMaskKernel:
+        """The block-mask classifier at stage ``stage``'s tiles, rendered on first request."""
+        config = self.config_of(stage)
+        tiles = (config.block_m, config.block_n)
+        if tiles not in self.classifiers:
+            self.classifiers[tiles] = BlockMaskKernel.render(self.ir, *tiles, self.target)
+        return self.classifiers[tiles]
+
+    def block_mask_tensors(self, stage: str, inputs: list[torch.Tensor], batch: int, q_len: int, kv_len: int,
+                           device: torch.device) -> list[torch.Tensor]:
+        """What stage ``stage`` takes after the extras: the tile kinds of the mask on ``inputs`` at the stage's
+        tiles and the lists it walks (main: per kv tile the q tiles; dq: per q tile the kv tiles), computed on
+        ``device`` without a host sync; nothing for a stage without a block mask."""
+        if stage not in self.mask_stages():
+            return []
+        tile_kind = classify(self.classifier(stage), inputs, self.block_mask, batch, self.ir.q_heads, q_len, kv_len,
+                             device)
+        return [tile_kind, *(compact_by_kv_tile(tile_kind) if stage == "main" else compact(tile_kind))]
+
     def build(self) -> Backward:
-        for name in self.stage_names():
-            self.stage(name).build()
+        for name in self.kernel_names():
+            self.kernel(name).build()
         return self
 
     def run(self, q, k, v, extras, out, lse, dout, dlse):
@@ -129,11 +172,12 @@ class Backward:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), grads, dsinks
         dlse = torch.zeros_like(lse) if dlse is None else dlse.to(torch.float32).contiguous()
         delta = torch.empty((batch, ir.q_heads, q_len), **f32)
+        main_mask = self.block_mask_tensors("main", inputs, batch, q_len, kv_len, q.device)
         if self.target.kind == "cpu":
             dk, dv = torch.empty_like(k), torch.empty_like(v)
             dq = torch.empty(q.shape, **f32)
-            self.stage("main")(q, k, v, *extras, out, lse, dout, dlse, delta, dq, dk, dv, *grads.values(),
-                               *([dsinks] if ir.sinks else []))
+            self.stage("main")(q, k, v, *extras, *main_mask, out, lse, dout, dlse, delta, dq, dk, dv,
+                               *grads.values(), *([dsinks] if ir.sinks else []))
             return dq.to(q.dtype), dk, dv, grads, dsinks
         sink_parts = (torch.empty((batch, ir.q_heads, -(-q_len // self.config.block_m)), **f32)
                       if ir.sinks else None)
@@ -144,13 +188,15 @@ class Backward:
         dk_out, dv_out = self._dkv_buffers(k, v)
         if self.dq_mode == "atomic":
             dq_acc = torch.zeros(q.shape, **f32)
-            self.stage("main")(q, k, v, *extras, lse, dout, delta, dq_acc, dk_out, dv_out, *grads.values())
+            self.stage("main")(q, k, v, *extras, *main_mask, lse, dout, delta, dq_acc, dk_out, dv_out,
+                               *grads.values())
             dq = torch.empty_like(q)
             self.stage("post")(dq_acc, dq)
         else:
-            self.stage("main")(q, k, v, *extras, lse, dout, delta, dk_out, dv_out, *grads.values())
+            self.stage("main")(q, k, v, *extras, *main_mask, lse, dout, delta, dk_out, dv_out, *grads.values())
             dq = torch.empty_like(q)
-            self.stage("dq")(q, k, v, *extras, lse, dout, delta, dq)
+            dq_mask = self.block_mask_tensors("dq", inputs, batch, q_len, kv_len, q.device)
+            self.stage("dq")(q, k, v, *extras, *dq_mask, lse, dout, delta, dq)
         return dq, self._finish_dkv(dk_out, k), self._finish_dkv(dv_out, v), grads, dsinks
 
     def _dkv_buffers(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,23 +229,24 @@ def _build_stage(job: tuple, cache: str) -> str | None:
     os.environ["ATTNC_CACHE_DIR"] = cache
     *fields, name = job
     try:
-        Backward(*fields).stage(name).build()
+        Backward(*fields).kernel(name).build()
     except Exception as error:  # reported to the caller, which decides
         return f"{type(error).__name__}: {error}"
     return None
 
 
 def build_in_parallel(backwards: list[Backward], workers: int) -> dict[tuple[int, str], str | None]:
-    """Build every stage of every backward in ``workers`` spawned processes into this process's cache (a later
-    build here loads from disk); ``{(index in backwards, stage): error text or None}``."""
+    """Build every kernel (`Backward.kernel_names`) of every backward in ``workers`` spawned processes into this
+    process's cache (a later build here loads from disk); ``{(index in backwards, kernel name): error text or
+    None}``."""
     import concurrent.futures
     import multiprocessing
 
     from attnc.codegen.cache import cache_dir
 
-    keys = [(i, name) for i, b in enumerate(backwards) for name in b.stage_names()]
+    keys = [(i, name) for i, b in enumerate(backwards) for name in b.kernel_names()]
     jobs = [(b.ir, b.target, b.dtype, b.grads, b.dq_mode, b.config, b.warp_specialized, b.dq_tma_reduce, name)
-            for b in backwards for name in b.stage_names()]
+            for b in backwards for name in b.kernel_names()]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context) as pool:
         errors = list(pool.map(_build_stage, jobs, [str(cache_dir())] * len(jobs)))

@@ -104,6 +104,12 @@ def compact(tile_kind: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return kv_count, order.to(torch.int32).contiguous()
 
 
+def compact_by_kv_tile(tile_kind: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per kv tile, the count and the ascending list of the non-empty q tiles: the transpose view the backward's
+    main kernel walks (kv tiles outside, q tiles inside); ``(.., kv tiles)`` and ``(.., kv tiles, q tiles)``."""
+    return compact(tile_kind.transpose(-1, -2))
+
+
 def classify(kernel: BlockMaskKernel, inputs: list[torch.Tensor], layout: BlockMaskLayout, batch: int,
              q_heads: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
     """The tile kinds of the mask at these sizes, filled by ``kernel`` on ``device`` (zeros: all empty, when there
