@@ -146,11 +146,14 @@ def _split_columns(column_terms: list, varying: set) -> tuple[list, sympy.Expr, 
 
 def _split_rows(row_terms: list, row_symbols: set) -> tuple[sympy.Expr, sympy.Expr]:
     """The row vector and its part of the tile offset: row terms ``k · q_idx`` (``k`` constant in the block) are
-    split into ``k · ROW_OFFSET`` (row) and ``k · Q_BASE`` (offset)."""
+    split into ``k · ROW_OFFSET`` (row) and ``k · Q_BASE`` (offset); block constants (``slope · (kv_len - q_len)``)
+    join the offset, where they meet the other integers before a float."""
     rows, offset = [], []
     for term in row_terms:
         coeff, rest = term.as_independent(symbols.q_idx, as_Add=False)
-        if rest == symbols.q_idx and not coeff.free_symbols & row_symbols:
+        if not term.free_symbols & row_symbols:
+            offset.append(term)
+        elif rest == symbols.q_idx and not coeff.free_symbols & row_symbols:
             rows.append(coeff * ROW_OFFSET)
             offset.append(coeff * Q_BASE)
         else:

@@ -57,6 +57,8 @@ def _library_mods():
         "half_position": lambda score, b, h, q_idx, kv_idx: 2 * score + q_idx / 2 - kv_idx * 3,
         "squared": lambda score, b, h, q_idx, kv_idx: score * score,
         "shifted_alibi": lambda score, b, h, q_idx, kv_idx: score + SLOPES[h] * (kv_idx + 1 - q_idx),
+        "bottom_right_alibi": lambda score, b, h, q_idx, kv_idx:
+            score + SLOPES[h] * (kv_idx - q_idx + attnc.KV_LEN - attnc.Q_LEN),
         "alibi_and_column_bias": lambda score, b, h, q_idx, kv_idx:
             score + BIAS[h, kv_idx % 4096] + SLOPES[h] * (q_idx - kv_idx),
         "column_scaled_position": lambda score, b, h, q_idx, kv_idx: score + BIAS[h, kv_idx] * kv_idx - q_idx,
@@ -123,7 +125,7 @@ def test_alibi_splits_into_a_column_vector_per_q_tile_and_a_row_offset_per_kv_ti
 
 
 @pytest.mark.parametrize("offset", [0, 10 ** 6, 10 ** 6 + 37])
-@pytest.mark.parametrize("name", ["alibi", "shifted_alibi", "alibi_and_column_bias"])
+@pytest.mark.parametrize("name", ["alibi", "shifted_alibi", "bottom_right_alibi", "alibi_and_column_bias"])
 def test_the_alibi_split_keeps_float32_accuracy_at_long_positions(name, offset):
     """Near the diagonal at position 10⁶ the split is as accurate as ``slope · (kv_idx - q_idx)`` in float32: the
     large products ``slope · kv_idx`` and ``slope · q_idx`` are never formed."""
