@@ -14,7 +14,16 @@ import sympy
 
 from attnc.codegen.hoist import hoist
 from attnc.codegen.printer import print_expr
-from attnc.codegen.score_rewrite import COLUMN, Q_BASE, QK, ROW, ROW_OFFSET, rewrite_score
+from attnc.codegen.score_rewrite import (
+    COLUMN,
+    COLUMN_OFFSET,
+    KV_BASE,
+    Q_BASE,
+    QK,
+    ROW,
+    ROW_OFFSET,
+    rewrite_score,
+)
 from attnc.dsl import symbols
 from attnc.dsl.blockmask import BlockMaskLayout
 from attnc.dsl.derivative import backward_tiles, read_gradients, score_derivative
@@ -47,10 +56,12 @@ class InputBuffer:
 
 @dataclass(frozen=True)
 class CacheFill:
-    """A value hoisted out of the element loop as the template fills it: the cache variable, 'block' / 'row' /
-    'column', its dtype, the value (TileLang text, in ``b``, ``h``, ``q_idx``, ``kv_idx``, ``i``, ``j`` and the
-    caches filled before it) and a zero of its dtype for out-of-range rows. A tensor read (`codegen.hoist`) or the
-    score's per-row or per-column vector (`codegen.score_rewrite`)."""
+    """A value hoisted out of the element loop as the template fills it: the cache variable, its level, its dtype,
+    the value (TileLang text, in ``b``, ``h``, ``q_idx``, ``kv_idx``, ``i``, ``j``, ``kv_base`` and the caches filled
+    before it) and a zero of its dtype for out-of-range rows / columns. A tensor read (`codegen.hoist`) or a score
+    vector (`codegen.score_rewrite`). Levels: 'block' (a scalar), 'row' (over ``i``) and 'block_column' (over ``j``)
+    filled once per q tile; 'column' (over ``j``) and 'tile_row' (over ``i``, given the kv tile's ``kv_base``)
+    filled once per kv tile."""
 
     cache: str
     level: str
@@ -186,22 +197,29 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
 def _element_loop(score: sympy.Expr, scale: float, hoisted, names: dict, tensors: dict,
                   block_m: int) -> tuple[float, str, list[CacheFill]]:
     """The cuda forward's element loop (`score_rewrite`): the folded factor, the text of what acc_s stores ("" for
-    qk itself) and the per-row / per-column vectors to fill (in ``i`` / ``j``, after the caches they read)."""
+    qk itself) and the score vectors to fill, after the caches they read: ``score_row`` ('row', in ``i``),
+    ``score_column`` ('column' per kv tile in ``kv_idx`` and ``j``, or 'block_column' once per q tile in ``j``) and
+    ``score_tile_row`` ('tile_row': ``score_row`` plus the per-kv-tile offset, in ``kv_base``)."""
     rewritten = rewrite_score(score, scale, [r.symbol for r in hoisted if r.level == "row"],
                               [r.symbol for r in hoisted if r.level == "column"])
+    positions = {ROW_OFFSET: "i", COLUMN_OFFSET: "j", Q_BASE: f"(q_tile * {block_m})", KV_BASE: "kv_base"}
 
-    def text(expr, extra) -> str:
-        out = print_expr(expr, {**names, **extra}, tensors, fast_tanh=True)
+    def text(expr, extra=()) -> str:
+        out = print_expr(expr, {**names, **positions, **dict(extra)}, tensors, fast_tanh=True)
         return f'T.cast({out}, "float32")' if expr.is_integer else out
 
     vectors = []
-    for cache, level, expr, extra in (("score_row", "row", rewritten.row, {ROW_OFFSET: "i"}),
-                                      ("score_column", "column", rewritten.column,
-                                       {Q_BASE: f"(q_tile * {block_m})"})):
+    for cache, level, expr in (("score_row", "row", rewritten.row),
+                               ("score_column", "column" if rewritten.column_per_tile else "block_column",
+                                rewritten.column),
+                               ("score_tile_row", "tile_row", rewritten.tile)):
         if expr != 0:
-            vectors.append(CacheFill(cache, level, "float32", text(expr, extra), 'T.cast(0, "float32")'))
-    element = "" if rewritten.element == QK else text(
-        rewritten.element, {QK: "qk", ROW: "score_row[i]", COLUMN: "score_column[j]"})
+            value = text(expr)  # the tile offset is cast whole: q_base - kv_base before it meets a float
+            value = f"(score_row[i] + {value})" if level == "tile_row" and rewritten.row != 0 else value
+            vectors.append(CacheFill(cache, level, "float32", value, 'T.cast(0, "float32")'))
+    row = "score_tile_row[i]" if rewritten.tile != 0 else "score_row[i]"
+    element = "" if rewritten.element == QK else text(rewritten.element,
+                                                      {QK: "qk", ROW: row, COLUMN: "score_column[j]"})
     return float(rewritten.fold), element, vectors
 
 

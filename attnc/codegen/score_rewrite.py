@@ -12,10 +12,16 @@ per-element work without changing the softmax:
   coefficient of the one term that holds ``qk``, and the other terms are divided by it.
 - **Splitting additive terms.** Terms that depend only on the row (``q_idx``, per-row caches) move into a
   per-row vector computed once per q tile, terms that depend only on the column (``kv_idx``, per-column caches)
-  into a per-column vector computed once per kv tile; the element loop adds ``row[i] + column[j]``. A row term
-  ``k · q_idx`` becomes ``k · i`` in the row vector and ``k · q_base`` in the column vector (``q_base``: the q
-  tile's first row), so ALiBi's ``slope · (kv_idx - q_idx)`` is computed as ``slope · (kv_idx - q_base) - slope · i``
-  on small integers, never as the difference of two large products.
+  into a per-column vector; the element loop adds ``row[i] + column[j]``.
+- **Affine columns.** A column term ``c · kv_idx`` (``c`` constant in the block, e.g. ALiBi's ``slope[h]``) is
+  ``c · j + c · kv_base`` (``j``: the column in the kv tile; ``kv_base``: the kv tile's first kv_idx). ``c · j``
+  goes into a column vector filled once per q tile; the per-tile offset ``c · kv_base`` is added to the row vector
+  once per kv tile (a few registers per thread, instead of refilling a column vector on the softmax's critical
+  path). Row terms ``k · q_idx`` then become ``k · i`` (row) and ``k · q_base`` in that offset (``q_base``: the
+  q tile's first row), so ALiBi's ``slope · (kv_idx - q_idx)`` is computed as ``slope · j - slope · i +
+  slope · (kv_base - q_base)`` on small integers, never as the difference of two large products. Column terms that
+  are not affine in ``kv_idx`` (``bias[h, kv_idx]``) need a column vector refilled per kv tile, which then also
+  takes ``c · j``.
 """
 
 from __future__ import annotations
@@ -27,25 +33,31 @@ import sympy
 from attnc.dsl import symbols
 
 QK = sympy.Symbol("qk", real=True)  # the q·k product of one element, before any scale
-ROW = sympy.Symbol("score_row", real=True)  # the element's entry of the per-row vector
+ROW = sympy.Symbol("score_row", real=True)  # the element's entry of the per-row vector (plus the tile offset)
 COLUMN = sympy.Symbol("score_column", real=True)  # the element's entry of the per-column vector
 ROW_OFFSET = sympy.Symbol("i", integer=True, nonnegative=True)  # q_idx - q_base
 Q_BASE = sympy.Symbol("q_base", integer=True, nonnegative=True)  # the first q_idx of the q tile
+COLUMN_OFFSET = sympy.Symbol("j", integer=True, nonnegative=True)  # kv_idx - kv_base
+KV_BASE = sympy.Symbol("kv_base", integer=True, nonnegative=True)  # the first kv_idx of the kv tile
 
 
 @dataclass(frozen=True)
 class RewrittenScore:
-    """``score_mod(scale · qk) == fold · (element + row + column)``.
+    """``score_mod(scale · qk) == fold · element`` with ``ROW = row + tile`` and ``COLUMN = column``.
 
     ``fold``: a positive number. ``element``: in ``QK``, ``ROW`` and ``COLUMN`` (when those are nonzero) and any
-    index symbol. ``row``: in ``q_idx``, ``ROW_OFFSET`` and per-row symbols (0 when there is none). ``column``: in
-    ``kv_idx``, ``Q_BASE`` and per-column symbols (0 when there is none).
+    index symbol. ``row``: in ``q_idx``, ``ROW_OFFSET`` and per-row symbols (0 when there is none), once per q tile.
+    ``tile``: in ``KV_BASE``, ``Q_BASE`` and block constants (0 when there is none), once per kv tile.
+    ``column``: in ``COLUMN_OFFSET``, and when ``column_per_tile`` also ``kv_idx`` and per-column symbols (0 when
+    there is none): filled once per kv tile if ``column_per_tile``, else once per q tile.
     """
 
     fold: sympy.Expr
     element: sympy.Expr
     row: sympy.Expr
     column: sympy.Expr
+    tile: sympy.Expr = sympy.S.Zero
+    column_per_tile: bool = False
 
 
 def _positive_factor(terms: tuple[sympy.Expr, ...]) -> sympy.Expr:
@@ -99,24 +111,51 @@ def rewrite_score(score: sympy.Expr, scale: float, row_symbols=(), column_symbol
             continue
         for part, part_level in zip(parts, levels):
             placed[part_level].append(part)
-    row, column = _shift_rows_to_tile_base(placed["row"], placed["column"], row_symbols)
+    per_tile, slope, constants = _split_columns(placed["column"], row_symbols | column_symbols)
+    row, tile = _split_rows(placed["row"], row_symbols) if slope != 0 else (sympy.Add(*placed["row"]), sympy.S.Zero)
+    tile = sympy.factor_terms(tile + slope * KV_BASE + constants)
+    column = sympy.Add(*per_tile) + slope * COLUMN_OFFSET
     element = sympy.Add(*placed["element"], *placed["number"])
-    element += (ROW if row != 0 else 0) + (COLUMN if column != 0 else 0)
-    return RewrittenScore(fold, element, row, column)
+    element += (ROW if row != 0 or tile != 0 else 0) + (COLUMN if column != 0 else 0)
+    return RewrittenScore(fold, element, row, column, tile, bool(per_tile))
 
 
-def _shift_rows_to_tile_base(row_terms: list, column_terms: list, row_symbols: set) -> tuple[sympy.Expr, sympy.Expr]:
-    """The row and column vectors; with column terms present, row terms ``k · q_idx`` (``k`` constant in the block)
-    are split into ``k · ROW_OFFSET`` (row) and ``k · Q_BASE`` (column), and the column terms are factored so that
-    integer differences such as ``kv_idx - q_base`` are computed before they meet a float."""
-    if not column_terms:
-        return sympy.Add(*row_terms), sympy.S.Zero
-    rows, columns = [], list(column_terms)
+def _split_columns(column_terms: list, varying: set) -> tuple[list, sympy.Expr, sympy.Expr]:
+    """The column terms as (terms kept per kv tile, the total slope ``c`` of the terms ``c · kv_idx``, the block
+    constants those terms carry). A term is split only when all of its parts are affine or constant."""
+    per_tile, slopes, constants = [], [], []
+    for term in column_terms:
+        affine, constant = [], []
+        for part in sympy.Add.make_args(sympy.expand_mul(term)):
+            coeff, rest = part.as_independent(symbols.kv_idx, as_Add=False)
+            if coeff.free_symbols & varying:
+                break
+            if rest == symbols.kv_idx:
+                affine.append(coeff)
+            elif rest == 1:
+                constant.append(coeff)
+            else:
+                break
+        else:
+            slopes += affine
+            constants += constant
+            continue
+        per_tile.append(term)
+    return per_tile, sympy.Add(*slopes), sympy.Add(*constants)
+
+
+def _split_rows(row_terms: list, row_symbols: set) -> tuple[sympy.Expr, sympy.Expr]:
+    """The row vector and its part of the tile offset: row terms ``k · q_idx`` (``k`` constant in the block) are
+    split into ``k · ROW_OFFSET`` (row) and ``k · Q_BASE`` (offset); block constants (``slope · (kv_len - q_len)``)
+    join the offset, where they meet the other integers before a float."""
+    rows, offset = [], []
     for term in row_terms:
         coeff, rest = term.as_independent(symbols.q_idx, as_Add=False)
-        if rest == symbols.q_idx and not coeff.free_symbols & row_symbols:
+        if not term.free_symbols & row_symbols:
+            offset.append(term)
+        elif rest == symbols.q_idx and not coeff.free_symbols & row_symbols:
             rows.append(coeff * ROW_OFFSET)
-            columns.append(coeff * Q_BASE)
+            offset.append(coeff * Q_BASE)
         else:
             rows.append(term)
-    return sympy.Add(*rows), sympy.factor_terms(sympy.Add(*columns))
+    return sympy.Add(*rows), sympy.Add(*offset)

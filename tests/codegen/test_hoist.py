@@ -38,7 +38,8 @@ def test_cuda_contexts_fill_caches_and_cpu_contexts_do_not():
     tilemap = analyse(spec.ir.mask, 128, 128)
     cuda = make_context("fwd", "k", spec.ir, tilemap, config, "bfloat16", "sm_90a")
     assert [(c.cache, c.level) for c in cuda.caches] == [("block_cache0", "block"), ("score_row", "row"),
-                                                         ("score_column", "column")]
+                                                         ("score_column", "block_column"),
+                                                         ("score_tile_row", "tile_row")]
     assert cuda.caches[0].value == "in_slopes[h]" and "block_cache0" in cuda.caches[2].value
     assert "block_cache0" in cuda.score_expr and cuda.dtype == "bfloat16" and not cuda.score_guard
     cpu = make_context("cpu_fwd", "k", spec.ir, tilemap, config, "float32")
