@@ -125,6 +125,28 @@ def classify(kernel: BlockMaskKernel, inputs: list[torch.Tensor], layout: BlockM
     return tile_kind
 
 
+def reference_tile_kinds(ir, layout: BlockMaskLayout, batch: int, q_len: int, kv_len: int,
+                         tensors: dict[str, torch.Tensor], block_m: int, block_n: int) -> torch.Tensor:
+    """The oracle of `classify`: tile kinds (planes, q tiles, kv tiles; int8) from the mask evaluated on every
+    element, on the CPU, O(S²): full when every in-bounds element of a tile whose columns are all in bounds is kept
+    (a ragged last kv tile is never full), empty when none is, else partial."""
+    from attnc.dsl import symbols
+    from attnc.runtime.evaluate import evaluate
+
+    env = {symbols.b: torch.arange(batch).view(-1, 1, 1, 1), symbols.h: torch.arange(ir.q_heads).view(1, -1, 1, 1),
+           symbols.q_idx: torch.arange(q_len).view(1, 1, -1, 1), symbols.kv_idx: torch.arange(kv_len).view(1, 1, 1, -1),
+           symbols.q_len: q_len, symbols.kv_len: kv_len}
+    keep = torch.as_tensor(evaluate(ir.mask, env, tensors)).expand(batch, ir.q_heads, q_len, kv_len)
+    planes_b, planes_h = layout.planes(batch, ir.q_heads)
+    q_tiles, kv_tiles = -(-q_len // block_m), -(-kv_len // block_n)
+    padded = torch.zeros(planes_b, planes_h, q_tiles * block_m, kv_tiles * block_n, dtype=torch.int32)
+    padded[..., :q_len, :kv_len] = keep[:planes_b, :planes_h].int()
+    kept = padded.view(planes_b, planes_h, q_tiles, block_m, kv_tiles, block_n).sum((3, 5))
+    rows = (q_len - torch.arange(q_tiles) * block_m).clamp(max=block_m)
+    full = (kept == rows.view(-1, 1) * block_n) & ((torch.arange(kv_tiles) + 1) * block_n <= kv_len)
+    return torch.where(kept == 0, EMPTY, torch.where(full, FULL, PARTIAL)).to(torch.int8)
+
+
 def check_block_mask(block_mask, *, spec_key: str, target: str, layout: BlockMaskLayout | None, batch: int,
                      q_len: int, kv_len: int, device: torch.device, config: KernelConfig | None) -> None:
     """Raise `InputError` unless ``block_mask`` serves a call of this op at these sizes; ``config``: the op's

@@ -3,7 +3,6 @@ gradients against the float64 reference's autograd (CPU: ``max |g - g_ref| <= 1e
 test_backward.py), deterministic mode, torch.compile, and the CUDA stages built (not run) for sm_90a and sm_80.
 GPU (marker `gpu`): the same gradients in bf16/fp16 by DESIGN.md's rule."""
 
-import math
 import os
 
 import pytest
@@ -12,11 +11,9 @@ import torch
 import attnc
 import attnc.mods as mods
 from attnc.codegen.build import Target
-from attnc.dsl import symbols
 from attnc.runtime import autograd
 from attnc.runtime.autograd import Backward, backward_for, build_in_parallel
-from attnc.runtime.blockmask import EMPTY, FULL
-from attnc.runtime.evaluate import evaluate
+from attnc.runtime.blockmask import EMPTY, reference_tile_kinds
 from attnc.runtime.reference import attention_reference
 from attnc.schedules.heuristics import backward_config
 
@@ -72,24 +69,6 @@ def mask_inputs(name: str, seed: int = 0) -> dict:
     return {"docs": random_docs(200, torch.Generator().manual_seed(seed), 20)}
 
 
-def brute_force_kinds(op, batch: int, q_len: int, kv_len: int, tensors: dict, block_m: int, block_n: int):
-    """Tile kinds (planes, q tiles, kv tiles) of the mask evaluated on every element (as the classifier defines
-    them: a ragged last kv tile is never full)."""
-    ir = op.ir
-    env = {symbols.b: torch.arange(batch).view(-1, 1, 1, 1), symbols.h: torch.arange(ir.q_heads).view(1, -1, 1, 1),
-           symbols.q_idx: torch.arange(q_len).view(1, 1, -1, 1), symbols.kv_idx: torch.arange(kv_len).view(1, 1, 1, -1),
-           symbols.q_len: q_len, symbols.kv_len: kv_len}
-    keep = torch.as_tensor(evaluate(ir.mask, env, tensors)).expand(batch, ir.q_heads, q_len, kv_len)
-    planes_b, planes_h = op.block_mask_layout.planes(batch, ir.q_heads)
-    q_tiles, kv_tiles = math.ceil(q_len / block_m), math.ceil(kv_len / block_n)
-    padded = torch.zeros(planes_b, planes_h, q_tiles * block_m, kv_tiles * block_n, dtype=torch.int32)
-    padded[..., :q_len, :kv_len] = keep[:planes_b, :planes_h].int()
-    kept = padded.view(planes_b, planes_h, q_tiles, block_m, kv_tiles, block_n).sum((3, 5))
-    rows = (q_len - torch.arange(q_tiles) * block_m).clamp(max=block_m)
-    full = (kept == rows.view(-1, 1) * block_n) & ((torch.arange(kv_tiles) + 1) * block_n <= kv_len)
-    return torch.where(kept == 0, EMPTY, torch.where(full, FULL, 1)).to(torch.int8)
-
-
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_the_kv_side_lists_match_brute_force(name):
     op = op_for(name)
@@ -104,7 +83,8 @@ def test_the_kv_side_lists_match_brute_force(name):
         extras = [tensors[t.name] for t in op.ir.inputs]
         tile_kind, q_count, q_list = backward.block_mask_tensors("main", extras, batch, q_len, kv_len,
                                                                  torch.device("cpu"))
-        want = brute_force_kinds(op, batch, q_len, kv_len, tensors, backward.config.block_m, backward.config.block_n)
+        want = reference_tile_kinds(op.ir, op.block_mask_layout, batch, q_len, kv_len, tensors,
+                                    backward.config.block_m, backward.config.block_n)
         assert torch.equal(tile_kind, want), (name, q_len, kv_len)
         listed = (want != EMPTY).transpose(-1, -2).flatten(0, 1)  # (planes, kv tiles, q tiles)
         assert torch.equal(q_count.flatten(0, 1), listed.sum(-1).int())

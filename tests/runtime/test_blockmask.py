@@ -8,9 +8,7 @@ import torch
 
 import attnc
 from attnc import mods
-from attnc.dsl import symbols
-from attnc.runtime.blockmask import EMPTY, FULL, BlockMask
-from attnc.runtime.evaluate import evaluate
+from attnc.runtime.blockmask import EMPTY, BlockMask, reference_tile_kinds
 from attnc.runtime.reference import attention_reference
 from attnc.schedules.config import KernelConfig
 
@@ -68,22 +66,7 @@ def mask_inputs(name: str) -> dict:
 
 
 def brute_force_kinds(op, q_len: int, kv_len: int, batch: int, tensors: dict, tiles: tuple[int, int]):
-    """Tile kinds from the mask evaluated on every element: full when every in-bounds element of a tile whose
-    columns are all in bounds is kept, empty when none is, else partial."""
-    ir, (block_m, block_n) = op.ir, tiles
-    env = {symbols.b: torch.arange(batch).view(-1, 1, 1, 1), symbols.h: torch.arange(ir.q_heads).view(1, -1, 1, 1),
-           symbols.q_idx: torch.arange(q_len).view(1, 1, -1, 1), symbols.kv_idx: torch.arange(kv_len).view(1, 1, 1, -1),
-           symbols.q_len: q_len, symbols.kv_len: kv_len}
-    keep = torch.as_tensor(evaluate(ir.mask, env, tensors)).expand(batch, ir.q_heads, q_len, kv_len)
-    planes_b, planes_h = op.block_mask_layout.planes(batch, ir.q_heads)
-    q_tiles, kv_tiles = math.ceil(q_len / block_m), math.ceil(kv_len / block_n)
-    padded = torch.zeros(planes_b, planes_h, q_tiles * block_m, kv_tiles * block_n, dtype=torch.int32)
-    padded[..., :q_len, :kv_len] = keep[:planes_b, :planes_h].int()
-    kept = padded.view(planes_b, planes_h, q_tiles, block_m, kv_tiles, block_n).sum((3, 5))
-    rows = (q_len - torch.arange(q_tiles) * block_m).clamp(max=block_m)
-    whole_columns = (torch.arange(kv_tiles) + 1) * block_n <= kv_len
-    full = (kept == rows.view(-1, 1) * block_n) & whole_columns
-    return torch.where(kept == 0, EMPTY, torch.where(full, FULL, 1)).to(torch.int8)
+    return reference_tile_kinds(op.ir, op.block_mask_layout, batch, q_len, kv_len, tensors, *tiles)
 
 
 @pytest.mark.parametrize("config", [None, TALL], ids=["default_tiles", "tall_tiles"])
