@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import sympy
-
-from attnc.dsl import symbols
 from attnc.dsl.ir import AttentionIR
 from attnc.schedules.config import KernelConfig
-from attnc.schedules.resources import check
+from attnc.schedules.resources import fits
 
 _HOPPER_FWD = {  # (qk_dim, v_dim) -> (block_m, block_n, threads)
     (64, 64): (192, 128, 384),
@@ -30,22 +27,12 @@ def default_config(family: str, arch: str, ir: AttentionIR, dtype: str) -> Kerne
         return KernelConfig(block_m=16, block_n=32, stages=1, threads=1)
     if family == "fwd" and arch == "sm_90a":
         block_m, block_n, threads = _HOPPER_FWD.get((ir.qk_dim, ir.v_dim), (128, 64, 256))
-        if threads == 384 and _branches_per_element(ir.score):
-            block_m, threads = 128, 256  # see _branches_per_element
         if (ir.qk_dim, block_n) == (128, 128) and not ir.has_mask:
             block_n = 160  # dense: longer kv tiles measured 1–2% faster
         return KernelConfig(block_m=block_m, block_n=block_n, stages=2, threads=threads)
     if family == "fwd":
         return KernelConfig(block_m=64, block_n=64, stages=1, threads=128)
     return KernelConfig(block_m=128, block_n=128, stages=2, threads=256)
-
-
-def _branches_per_element(score: sympy.Expr) -> bool:
-    """Whether the score takes a branch whose condition reads both q_idx and kv_idx (e.g. ``torch.where(kv_idx <=
-    q_idx, ...)``). tilelang 0.1.15 cannot build such a score with three consumer warpgroups ("[ThreadSync] Cannot
-    lower a required shared-memory sync inside a divergent region with 380 participating threads"); two build."""
-    return any({symbols.q_idx, symbols.kv_idx} <= piece.cond.free_symbols
-               for piecewise in score.atoms(sympy.Piecewise) for piece in piecewise.args)
 
 
 def backward_config(arch: str, ir: AttentionIR, stage: str = "main") -> KernelConfig:
@@ -72,7 +59,6 @@ def backward_config(arch: str, ir: AttentionIR, stage: str = "main") -> KernelCo
         return main
     for stages in (3, 2, 1):  # the deepest Q / dO ring that fits (3 only up to head dim 128)
         config = dataclasses.replace(main, stages=stages)
-        if (stages < 3 or not wide) and not check("bwd", arch, config, qk_dim=ir.qk_dim, v_dim=ir.v_dim,
-                                                   group=ir.group):
+        if (stages < 3 or not wide) and fits("bwd", arch, config, qk_dim=ir.qk_dim, v_dim=ir.v_dim, group=ir.group):
             return config
     return main

@@ -50,17 +50,6 @@ def test_every_example_builds_for_sm90a_with_wgmma_and_tma_and_lowers_for_sm80(b
             assert "wgmma" not in source and "mma" in source
 
 
-@needs_nvcc
-def test_a_score_branching_on_q_and_kv_builds_at_head_dim_64():
-    """Such a score gets two consumer warpgroups at d64: with this mask, three do not build with tilelang 0.1.15."""
-    bias = torch.randn(4, 256)
-    spec = attnc.Attention(4, qk_dim=64, mask_mod=lambda b, h, q, kv: (q % 3 != 0) & (kv <= q),
-                           score_mod=lambda s, b, h, q, kv: s + torch.where(kv <= q, bias[h, kv], 0.5 * bias[h, kv]))
-    config = default_config("fwd", "sm_90a", spec.ir, "bfloat16")
-    assert (config.block_m, config.threads) == (128, 256)
-    assert build_in_parallel(forward_jobs([spec], "sm_90a"), workers=1) == [None]
-
-
 def branch_on_q_and_kv_spec():
     """A spec whose optimised d64 kernel tilelang 0.1.15 cannot lower ([ThreadSync]): a per-column read under a
     branch on q_idx and kv_idx, with this mask."""
