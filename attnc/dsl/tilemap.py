@@ -140,7 +140,7 @@ def _and(x: _Span, y: _Span) -> _Span:
 def _or(x: _Span, y: _Span, nt: sympy.Expr) -> _Span:
     visit = x.visit or y.visit
     if x.visit and y.visit:
-        visit = (_min(x.visit[0], y.visit[0]), _max(x.visit[1], y.visit[1]))
+        visit = _union(x.visit, y.visit)
     r, s = x.full, y.full
     if r is None or s is None:
         full = r or s
@@ -160,6 +160,21 @@ def _or(x: _Span, y: _Span, nt: sympy.Expr) -> _Span:
             full = tuple(sympy.Piecewise((u, touch), (a, longer), (b, True), evaluate=False)
                          for u, a, b in zip(hull, r, s))
     return _Span(visit, full, x.exact and y.exact)
+
+
+def _union(r: tuple, s: tuple) -> tuple:
+    """The hull of two visit ranges, either of which may be empty at run time (``begin >= end``): a range a row
+    condition switches off (``(0, nt·flag)``) must not stretch the other one down to 0."""
+    if r[0] == s[0]:
+        return r[0], _max(r[1], s[1])
+    if r[1] == s[1]:
+        return _min(r[0], s[0]), r[1]
+    hull = (_min(r[0], s[0]), _max(r[1], s[1]))
+    r_empty, s_empty = r[0] >= r[1], s[0] >= s[1]
+    if r_empty == sympy.false and s_empty == sympy.false:
+        return hull
+    return tuple(sympy.Piecewise((b, r_empty), (a, s_empty), (h, True), evaluate=False)
+                 for a, b, h in zip(r, s, hull))
 
 
 def _bool(expr: sympy.Basic, negate: bool, tile: _Tile) -> _Span:

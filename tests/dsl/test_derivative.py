@@ -141,7 +141,7 @@ MASKS = {
     "causal": (mods.causal(), True),
     "sliding_window_20": (mods.sliding_window(20), True),
     "chunked_24": (mods.chunked(24), True),
-    "prefix_lm_16": (mods.prefix_lm(16), False),
+    "prefix_lm_16": (mods.prefix_lm(16), True),
     "document_and_causal": (mods.document(DOCS) & mods.causal(), False),
     "causal_or_sliding": (mods.causal() & mods.sliding_window(50), True),
     "none": (None, True),

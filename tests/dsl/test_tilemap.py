@@ -65,6 +65,7 @@ MASKS = {
     "half_slope": 2 * kv_idx <= q_idx,
     "block_slopes": sympy.floor(kv_idx / 8) <= sympy.floor(q_idx / 32),
     "rows_from_50": q_idx >= 50,
+    "early_rows_or_upper": sympy.Or(q_idx < 40, kv_idx >= q_idx),  # a row condition must not widen the other range
     "piecewise_bound": kv_idx <= sympy.Piecewise((q_idx, q_idx < 100), (q_idx + 50, True)),
     "xor": sympy.Xor(kv_idx <= q_idx, kv_idx < 10),
     "per_head": kv_idx <= q_idx + h,
@@ -77,7 +78,7 @@ EXACT = {"causal", "causal_top_left", "sliding_window_1", "sliding_window_7", "s
          "sliding_window_100", "prefix_lm_0", "prefix_lm_5", "prefix_lm_64", "chunked_16", "chunked_50", "not_causal",
          "kv_from_10", "no_mask", "causal_and_sliding", "distance_100", "last_50_keys",
          "nothing", "abs_window", "diagonal", "half_slope", "negative_slope", "block_slopes", "ceiling_kv", "max_bound",
-         "rows_from_50", "xor"}
+         "rows_from_50", "xor", "early_rows_or_upper"}
 NOT_ANALYSED = {"document_and_causal", "every_4th_key", "per_head", "float_slope"}  # exact=False
 
 
