@@ -19,3 +19,9 @@ class InputError(AttncError, ValueError):
 
 class BuildError(AttncError, RuntimeError):
     """Rendering or building a kernel failed; the message carries the source file to inspect."""
+
+
+def one_line(error: BaseException) -> str:
+    """``<type>: <message>`` with the message's lines joined: how a failure is reported in a log line or a result."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -45,9 +45,11 @@ def _inputs(case: Case, dtype: torch.dtype, sets: int, grad: bool):
 
 def _prebuild(cases: list[Case], dtype: torch.dtype, backward: bool, default_too: bool, workers: int = 16) -> None:
     """Build attnc's kernels for every case in parallel processes first; the timed loop then loads them from disk."""
+    import functools
+
     import attnc
     from attnc.runtime import autograd
-    from attnc.runtime.kernels import KERNEL_DTYPES, build_in_parallel
+    from attnc.runtime.kernels import KERNEL_DTYPES, Kernel, build_in_parallel
 
     device = torch.device("cuda")
     ops = [(case, attnc.compile(case.spec(device), target="cuda")) for case in cases]
@@ -56,16 +58,17 @@ def _prebuild(cases: list[Case], dtype: torch.dtype, backward: bool, default_too
         configs = {op.config_for(dtype, case.batch, case.seq, case.seq)[0]}
         if default_too:
             configs.add(op.config(dtype))
-        jobs += [("fwd", op.ir, config, KERNEL_DTYPES[dtype], op.target) for config in configs]
+        jobs += [functools.partial(Kernel.render, "fwd", op.ir, config, KERNEL_DTYPES[dtype], op.target)
+                 for config in configs]
     build_in_parallel(jobs, min(workers, len(jobs)))
     if backward:
-        backwards = []
+        jobs = []
         for case, op in ops:
             learned = {id(t) for t in case.learned(device)}
             captured = op.spec.captured_tensors()
             grads = tuple(t.name for t in op.ir.inputs if id(captured.get(t.name)) in learned)
-            backwards.append(autograd.backward_for(op, dtype, grads))
-        autograd.build_in_parallel(backwards, workers)
+            jobs += autograd.backward_for(op, dtype, grads).build_jobs()
+        build_in_parallel(jobs, workers)
 
 
 def tune_cases(cases: list[Case], dtype: torch.dtype, budget_s: float, max_candidates: int | None,

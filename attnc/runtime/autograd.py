@@ -32,6 +32,9 @@ walks per kv tile its list of non-empty q tiles (the transpose view), the dq sta
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -153,6 +156,12 @@ class Backward:
                              device)
         return [tile_kind, *(compact_by_kv_tile(tile_kind) if stage == "main" else compact(tile_kind))]
 
+    def build_jobs(self) -> list[Callable[[], BuiltKernel]]:
+        """One job per kernel of `kernel_names`, for `attnc.runtime.kernels.build_in_parallel`: each renders its
+        kernel in a copy of this backward without the kernels already rendered here (they need not pickle)."""
+        bare = dataclasses.replace(self, stages={}, classifiers={})
+        return [functools.partial(bare.kernel, name) for name in self.kernel_names()]
+
     def build(self) -> Backward:
         for name in self.kernel_names():
             self.kernel(name).build()
@@ -221,36 +230,6 @@ class Backward:
             shape[heads_dim:heads_dim + 1] = [self.ir.kv_heads, self.ir.group]
             out = out.view(shape).sum(heads_dim + 1)
         return out.to(like.dtype)
-
-
-def _build_stage(job: tuple, cache: str) -> str | None:
-    import os
-
-    os.environ["ATTNC_CACHE_DIR"] = cache
-    *fields, name = job
-    try:
-        Backward(*fields).kernel(name).build()
-    except Exception as error:  # reported to the caller, which decides
-        return f"{type(error).__name__}: {error}"
-    return None
-
-
-def build_in_parallel(backwards: list[Backward], workers: int) -> dict[tuple[int, str], str | None]:
-    """Build every kernel (`Backward.kernel_names`) of every backward in ``workers`` spawned processes into this
-    process's cache (a later build here loads from disk); ``{(index in backwards, kernel name): error text or
-    None}``."""
-    import concurrent.futures
-    import multiprocessing
-
-    from attnc.codegen.cache import cache_dir
-
-    keys = [(i, name) for i, b in enumerate(backwards) for name in b.kernel_names()]
-    jobs = [(b.ir, b.target, b.dtype, b.grads, b.dq_mode, b.config, b.warp_specialized, b.dq_tma_reduce, name)
-            for b in backwards for name in b.kernel_names()]
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context) as pool:
-        errors = list(pool.map(_build_stage, jobs, [str(cache_dir())] * len(jobs)))
-    return dict(zip(keys, errors))
 
 
 _BACKWARDS: dict[tuple, Backward] = {}

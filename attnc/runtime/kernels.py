@@ -5,18 +5,23 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from attnc.codegen import build, render
-from attnc.codegen.cache import derive_key, versions
+from attnc.codegen.cache import cache_dir, derive_key, versions
 from attnc.codegen.context import make_block_mask_context, make_context
 from attnc.dsl.blockmask import BlockMaskLayout, block_mask_layout
 from attnc.dsl.ir import AttentionIR
 from attnc.dsl.tilemap import TileMap, analyse
-from attnc.errors import BuildError
+from attnc.errors import BuildError, one_line
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.resources import require_fits
 
@@ -159,29 +164,37 @@ class BlockMaskKernel(BuiltKernel):
         return cls(family, key, render.render(ctx), target, layout=layout, block_m=block_m, block_n=block_n)
 
 
-def _build_job(job: tuple, cache: str) -> str | None:
-    import os
+# --- building in parallel ------------------------------------------------------------------------------------------
+# A build job is a picklable call that renders one kernel: ``functools.partial(Kernel.render, "fwd", ir, config,
+# dtype, target)``, ``functools.partial(BlockMaskKernel.render, ir, block_m, block_n, target)``, or one of
+# `attnc.runtime.autograd.Backward.build_jobs`. Spawned processes render and build them into this process's cache, so
+# that a later render + build here loads from disk in milliseconds.
 
-    os.environ["ATTNC_CACHE_DIR"] = cache
+def timed_build(job: Callable[[], BuiltKernel]) -> tuple[str | None, float]:
+    """Render (``job()``) and build one kernel; (its error on one line, or None; seconds)."""
+    start = time.perf_counter()
     try:
-        if job[0] in ("block_mask", "cpu_block_mask"):
-            BlockMaskKernel.render(*job[1:]).build()
-        else:
-            Kernel.render(*job).build()
+        job().build()
     except Exception as error:  # reported to the caller, which decides
-        return f"{type(error).__name__}: {error}"
-    return None
+        return one_line(error), time.perf_counter() - start
+    return None, time.perf_counter() - start
 
 
-def build_in_parallel(jobs: list[tuple], workers: int) -> list[str | None]:
-    """Build ``Kernel.render(*job)`` for every job in ``workers`` spawned processes, into this process's cache
-    (a later render + build here then loads from disk in milliseconds); each job's error text, or None. A job
-    ``("block_mask", ir, block_m, block_n, target)`` builds ``BlockMaskKernel.render(ir, block_m, block_n, target)``."""
-    import concurrent.futures
-    import multiprocessing
+def build_in_worker(job: Callable[[], BuiltKernel], cache: str) -> tuple[str | None, float]:
+    """In a process of `spawn_build_pool`: `timed_build` into the cache directory ``cache`` (the parent's)."""
+    os.environ["ATTNC_CACHE_DIR"] = cache
+    return timed_build(job)
 
-    from attnc.codegen.cache import cache_dir
 
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return list(pool.map(_build_job, jobs, [str(cache_dir())] * len(jobs)))
+def spawn_build_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """``workers`` build processes, spawned (not forked: the parent may hold CUDA and tilelang state)."""
+    return concurrent.futures.ProcessPoolExecutor(max_workers=max(1, workers),
+                                                  mp_context=multiprocessing.get_context("spawn"))
+
+
+def build_in_parallel(jobs: Sequence[Callable[[], BuiltKernel]], workers: int) -> list[str | None]:
+    """Render and build every job (see above) in ``workers`` spawned processes into this process's cache; each
+    job's error on one line, or None."""
+    cache = str(cache_dir())
+    with spawn_build_pool(workers) as pool:
+        return [error for error, _ in pool.map(build_in_worker, jobs, [cache] * len(jobs))]

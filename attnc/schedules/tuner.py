@@ -6,10 +6,10 @@ target, keep the fastest and record it in the tuning database.
 1. **Candidates.** The default heuristic's config first (so every run measures the baseline), then the space of the
    family on the target's architecture (`space.space`, pruned by the resource model), nearest to the default first,
    at most ``max_candidates`` of them.
-2. **Builds** run in ``workers`` spawned processes (`ProcessPoolExecutor`, spawn context, kept for later tunings
-   in the same process), which only render and build into the disk cache; the parent then loads each kernel from that cache (~0.1 s). A build that fails is
-   logged and skipped; a worker process that dies is replaced (twice at most). Configs this process has loaded
-   before (an earlier bucket of the same spec) need no worker.
+2. **Builds** run in ``workers`` spawned processes (`attnc.runtime.kernels.spawn_build_pool`, kept for later
+   tunings in the same process), which only render and build into the disk cache; the parent then loads each kernel
+   from that cache (~0.1 s). A build that fails is logged and skipped; a worker process that dies is replaced (twice
+   at most). Configs this process has loaded before (an earlier bucket of the same spec) need no worker.
 3. **Check.** Each loaded kernel runs on one small random input (at most ``harness.CHECK_LEN`` per length, batch
    ≤ 2) and is compared with `attention_reference` by DESIGN.md's rule (fp32: max abs error ≤ 1e-4; bf16/fp16: ≤ 2×
    torch's own same-precision error + 1e-5; lse likewise, with -inf exactly where the reference has it). A wrong
@@ -35,9 +35,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
-import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,7 +48,8 @@ from typing import IO
 
 import torch
 
-from attnc.errors import AttncError, InputError, UnsupportedError
+from attnc.errors import AttncError, InputError, UnsupportedError, one_line
+from attnc.runtime.kernels import Kernel, build_in_worker, spawn_build_pool, timed_build
 from attnc.schedules import timing
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.database import TuningDatabase
@@ -160,35 +161,13 @@ def order_candidates(configs: Sequence[KernelConfig], default: KernelConfig) -> 
 
 # --- building -------------------------------------------------------------------------------------------------------
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _build_worker(family, ir, config, dtype_name, target, cache: str) -> tuple[str | None, float]:
-    """In a worker process: render and build one candidate into ``cache``; (error or None, seconds)."""
-    os.environ["ATTNC_CACHE_DIR"] = cache
-    from attnc.runtime.kernels import Kernel
-
-    return _timed_build(lambda: Kernel.render(family, ir, config, dtype_name, target).build())
-
-
-def _timed_build(build: Callable[[], object]) -> tuple[str | None, float]:
-    start = time.perf_counter()
-    try:
-        build()
-    except Exception as error:  # noqa: BLE001 - any failure of one candidate is that candidate's, logged and skipped
-        return _one_line(error), time.perf_counter() - start
-    return None, time.perf_counter() - start
-
-
 def _builds(jobs: dict[int, KernelConfig], ready: Sequence[int], family, ir, dtype_name, target, workers: int,
-            stop_at: Callable[[], float], build_here: Callable[[KernelConfig], object]
+            stop_at: Callable[[], float], render_here: Callable[[KernelConfig], Kernel]
             ) -> Iterator[tuple[int, str | None, float]]:
     """Yield ``(index, error or None, seconds)`` as builds finish, the ``ready`` ones (built before) first, once the
     workers have their jobs; stop when ``stop_at()`` has passed.
 
-    With ``workers <= 1`` the builds run in this process, through ``build_here(config)``.
+    With ``workers <= 1`` the builds run in this process, of the kernels ``render_here(config)``.
     """
     pending = dict(jobs)
     if workers <= 1 or not pending:
@@ -196,7 +175,7 @@ def _builds(jobs: dict[int, KernelConfig], ready: Sequence[int], family, ir, dty
         for index, config in list(pending.items()):
             if time.monotonic() >= stop_at():
                 return
-            yield (index, *_timed_build(lambda config=config: build_here(config)))
+            yield (index, *timed_build(functools.partial(render_here, config)))
         return
     from attnc.codegen.cache import cache_dir
 
@@ -204,7 +183,8 @@ def _builds(jobs: dict[int, KernelConfig], ready: Sequence[int], family, ir, dty
     restarts = 0
     while pending:
         pool = _pool(workers)
-        futures = {pool.submit(_build_worker, family, ir, c, dtype_name, target, cache): i for i, c in pending.items()}
+        futures = {pool.submit(build_in_worker, functools.partial(Kernel.render, family, ir, c, dtype_name, target),
+                               cache): i for i, c in pending.items()}
         broken = False
         try:
             yield from ((index, None, 0.0) for index in ready)
@@ -223,7 +203,7 @@ def _builds(jobs: dict[int, KernelConfig], ready: Sequence[int], family, ir, dty
                         broken = True
                         continue
                     except Exception as exc:  # noqa: BLE001 - e.g. an argument that does not pickle
-                        error, seconds = _one_line(exc), 0.0
+                        error, seconds = one_line(exc), 0.0
                     pending.pop(index)
                     yield index, error, seconds
         finally:
@@ -251,7 +231,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     if workers not in _POOLS:
         if not _POOLS:
             atexit.register(_shutdown_pools)
-        _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        _POOLS[workers] = spawn_build_pool(workers)
     return _POOLS[workers]
 
 
@@ -409,19 +389,19 @@ def tune(
         try:  # the op's kernel cache: loaded once per op, shared with dispatch and later buckets
             kernel = op.kernel(dtype, config).build()
         except Exception as error:  # noqa: BLE001
-            return skip(index, "build_failed", _one_line(error), build_s)
+            return skip(index, "build_failed", one_line(error), build_s)
         _BUILT.add((ir.key, family, dtype_name, target, config))
         try:
             wrong = harness.verify(kernel)
         except Exception as error:  # noqa: BLE001
-            return skip(index, "run_failed", _one_line(error), build_s)
+            return skip(index, "run_failed", one_line(error), build_s)
         if wrong is not None:
             return skip(index, "wrong", wrong, build_s)
         try:
             cap = max(0.5, min(budget_s / 10, deadline - time.monotonic()))
             result = harness.time(kernel, max_seconds=cap)
         except Exception as error:  # noqa: BLE001
-            return skip(index, "run_failed", _one_line(error), build_s)
+            return skip(index, "run_failed", one_line(error), build_s)
         timed[index] = result.median_ms
         outcome[index] = Candidate(config, "timed", ms=result.median_ms, build_s=build_s)
         log.info("tune %s: %s %s", key.short(), config.short(), result)
@@ -430,7 +410,7 @@ def tune(
         built_before = [i for i, c in enumerate(ordered) if (ir.key, family, dtype_name, target, c) in _BUILT]
         jobs = {i: c for i, c in enumerate(ordered) if i not in built_before}
         builds = _builds(jobs, built_before, family, ir, dtype_name, target, workers, stop_at,
-                         lambda config: op.kernel(dtype, config).build())
+                         lambda config: op.kernel(dtype, config))
         with contextlib.closing(builds):  # closing ends the worker processes, on an error too
             for index, error, build_s in builds:
                 if error is not None:
@@ -517,7 +497,7 @@ def lookup(key: TuningKey, database=None):
         with TuningDatabase(path) as db:
             return db.get(key)
     except Exception as error:  # noqa: BLE001 - dispatch must not fail because of the tuning database
-        log.warning("cannot read the tuning database (%s); using the default heuristic", _one_line(error))
+        log.warning("cannot read the tuning database (%s); using the default heuristic", one_line(error))
         return None
 
 
@@ -542,7 +522,7 @@ def lookup_or_tune(op, dtype: torch.dtype, *, batch: int, q_len: int, kv_len: in
         try:
             result = tune(op, dtype=dtype, batch=batch, q_len=q_len, kv_len=kv_len, inputs=inputs, **settings)
         except AttncError as error:
-            log.warning("tuning %s failed; using the default heuristic: %s", key.short(), _one_line(error))
+            log.warning("tuning %s failed; using the default heuristic: %s", key.short(), one_line(error))
         else:
             entry = lookup(key, database)
             if entry is None:

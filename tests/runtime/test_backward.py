@@ -10,6 +10,7 @@ same-precision error plus 1e-5.
 CUDA kernels are also built, not run, for sm_90a and sm_80 here.
 """
 
+import functools
 import importlib.util
 import math
 import os
@@ -24,9 +25,8 @@ from attnc.cli import load_spec
 from attnc.codegen.build import Target
 from attnc.errors import UnsupportedError
 from attnc.dsl.derivative import read_gradients
-from attnc.runtime.autograd import Backward, backward_for, build_in_parallel
-from attnc.runtime.kernels import KERNEL_DTYPES
-from attnc.runtime.kernels import build_in_parallel as build_forwards_in_parallel
+from attnc.runtime.autograd import Backward, backward_for
+from attnc.runtime.kernels import KERNEL_DTYPES, Kernel, build_in_parallel
 from attnc.runtime.reference import attention_reference
 from attnc.schedules.heuristics import backward_config
 
@@ -364,10 +364,10 @@ def gpu_ops():
         grads = tuple(t.name for t in op.ir.inputs if t.name in differentiable)
         for dtype in ([torch.bfloat16] if key in ("fast", "exact") else GPU_DTYPES):
             config = op.config_for(dtype, 2, 129, 129)[0]
-            forwards[(op.ir.key, dtype)] = ("fwd", op.ir, config, KERNEL_DTYPES[dtype], op.target)
-            backwards.append(backward_for(op, dtype, grads))
-    errors = [e for e in build_forwards_in_parallel(list(forwards.values()), GPU_WORKERS) if e]
-    errors += [e for e in build_in_parallel(backwards, GPU_WORKERS).values() if e]
+            forwards[(op.ir.key, dtype)] = functools.partial(Kernel.render, "fwd", op.ir, config,
+                                                             KERNEL_DTYPES[dtype], op.target)
+            backwards += backward_for(op, dtype, grads).build_jobs()
+    errors = [e for e in build_in_parallel([*forwards.values(), *backwards], GPU_WORKERS) if e]
     assert not errors, errors[:3]
     return ops
 

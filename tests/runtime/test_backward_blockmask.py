@@ -12,7 +12,8 @@ import attnc
 import attnc.mods as mods
 from attnc.codegen.build import Target
 from attnc.runtime import autograd
-from attnc.runtime.autograd import Backward, backward_for, build_in_parallel
+from attnc.runtime.autograd import Backward, backward_for
+from attnc.runtime.kernels import build_in_parallel
 from attnc.runtime.blockmask import EMPTY, reference_tile_kinds
 from attnc.runtime.reference import attention_reference
 from attnc.schedules.heuristics import backward_config
@@ -232,8 +233,9 @@ def gpu_ops():
                                                       **{k: v for k, v in spec.items() if k != "kv_heads"}),
                                       target="cuda", deterministic=det)
            for name, spec in GPU_SPECS.items() for det in (False, True)}
-    backwards = [backward_for(op, dtype, ()) for op in ops.values() for dtype in (torch.bfloat16, torch.float16)]
-    errors = [e for e in build_in_parallel(backwards, min(16, os.cpu_count() or 1)).values() if e]
+    jobs = [job for op in ops.values() for dtype in (torch.bfloat16, torch.float16)
+            for job in backward_for(op, dtype, ()).build_jobs()]
+    errors = [e for e in build_in_parallel(jobs, min(16, os.cpu_count() or 1)) if e]
     assert not errors, errors[:3]
     return ops
 

@@ -3,6 +3,7 @@ TMA) and lower for sm_80 on any machine with nvcc; on a GPU (marker `gpu`) the c
 equal the CPU classifier's (checked against brute force in test_blockmask.py), and the forward matches the
 reference by DESIGN.md's rule, with the block mask computed in each call or made ahead."""
 
+import functools
 import os
 
 import pytest
@@ -57,11 +58,11 @@ def inputs_for(name: str, batch: int, q_len: int, kv_len: int, seed: int = 0) ->
     return {"docs": torch.stack([random_docs(MAX_LEN, generator, docs=5 + 3 * i) for i in range(batch)])}
 
 
-def jobs(spec, arch: str, dtypes=("bfloat16",)) -> list[tuple]:
+def jobs(spec, arch: str, dtypes=("bfloat16",)) -> list[functools.partial]:
     config = default_config("fwd", arch, spec.ir, "bfloat16")
     target = Target("cuda", arch)
-    return [("fwd", spec.ir, config, dtype, target) for dtype in dtypes] + \
-        [("block_mask", spec.ir, config.block_m, config.block_n, target)]
+    return [functools.partial(Kernel.render, "fwd", spec.ir, config, dtype, target) for dtype in dtypes] + \
+        [functools.partial(BlockMaskKernel.render, spec.ir, config.block_m, config.block_n, target)]
 
 
 @needs_nvcc
@@ -69,8 +70,9 @@ def test_the_classifier_and_the_forward_with_a_block_mask_build_for_sm90a_and_lo
     chosen = [specs()["document_causal_d64"], specs()["per_batch_documents_d128"]]
     both = attnc.Attention(8, qk_dim=128, inputs=[DOCS],
                            mask_mod=lambda b, h, q_idx, kv_idx: per_batch_documents(b, h, q_idx, kv_idx) | (h == 3))
+    per_entry_and_head = functools.partial(BlockMaskKernel.render, both.ir, 128, 128, Target("cuda", "sm_90a"))
     all_jobs = [job for spec in chosen for arch in ("sm_90a", "sm_80") for job in jobs(spec, arch)] + \
-        [("block_mask", both.ir, 128, 128, Target("cuda", "sm_90a"))]  # planes per batch entry and per head
+        [per_entry_and_head]  # planes per batch entry and per head
     errors = build_in_parallel(all_jobs, workers=2)
     assert errors == [None] * len(all_jobs), [e for e in errors if e]
     for spec in chosen:

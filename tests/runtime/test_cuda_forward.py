@@ -1,6 +1,7 @@
 """The CUDA forward template: every example builds for sm_90a (wgmma, TMA) and lowers for sm_80 on any machine
 with nvcc; on a GPU (marker `gpu`) every example and head dim matches the reference by DESIGN.md's rule."""
 
+import functools
 import math
 import os
 
@@ -21,18 +22,18 @@ GPU_WORKERS = min(16, os.cpu_count() or 1)
 needs_nvcc = pytest.mark.skipif(cuda_home() is None, reason="building CUDA kernels needs nvcc (set CUDA_HOME)")
 
 
-def forward_jobs(specs, arch, dtypes=("bfloat16",)):
-    return [("fwd", spec.ir, default_config("fwd", arch, spec.ir, dtype), dtype, Target("cuda", arch))
-            for spec in specs for dtype in dtypes]
+def forward_job(spec, arch, dtype="bfloat16"):
+    return functools.partial(Kernel.render, "fwd", spec.ir, default_config("fwd", arch, spec.ir, dtype), dtype,
+                             Target("cuda", arch))
 
 
 @pytest.fixture(scope="module")
 def built_examples():
     """Every example's forward for sm_90a and sm_80, built two at a time into the cache."""
-    jobs = forward_jobs([e.spec for e in EXAMPLES.values()], "sm_90a") + \
-        forward_jobs([e.spec for e in EXAMPLES.values()], "sm_80")
-    errors = build_in_parallel(jobs, workers=2)
-    return {(job[4].arch, job[1].key): error for job, error in zip(jobs, errors)}
+    built = [(arch, e.spec.ir.key) for arch in ("sm_90a", "sm_80") for e in EXAMPLES.values()]
+    errors = build_in_parallel([forward_job(e.spec, arch) for arch in ("sm_90a", "sm_80") for e in EXAMPLES.values()],
+                               workers=2)
+    return dict(zip(built, errors))
 
 
 @needs_nvcc
@@ -114,7 +115,8 @@ def gpu_ops():
     for dims in HEAD_DIMS:
         for name, spec in head_dim_specs(*dims).items():
             ops[(name, dims)] = attnc.compile(spec, target="cuda")
-    jobs = [("fwd", op.ir, op.config_for(dtype, 1, 4096, 4096)[0], dtype_name, op.target)
+    jobs = [functools.partial(Kernel.render, "fwd", op.ir, op.config_for(dtype, 1, 4096, 4096)[0], dtype_name,
+                              op.target)
             for op in ops.values() for dtype, dtype_name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16"))]
     errors = [e for e in build_in_parallel(jobs, GPU_WORKERS) if e]
     assert not errors, errors[:3]
