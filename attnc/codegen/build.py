@@ -2,7 +2,9 @@
 
 A rendered source is written to ``$ATTNC_CACHE_DIR/kernels/<key>.py`` (readable, shown by ``attnc show``),
 imported, and its ``build()`` factory's prim_func compiled by tilelang, whose own verified binary cache lives in
-``$ATTNC_CACHE_DIR/tilelang``. A source file that does not match what was rendered is rewritten, never trusted.
+``$ATTNC_CACHE_DIR/tilelang``. The key is derived from the source text itself (`source_key`), so one key names one
+source whatever produced it (templates, context, printer); a source file that does not match what was rendered is
+rewritten, never trusted.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from attnc.codegen.cache import cache_dir, write_atomic
+from attnc.codegen.cache import cache_dir, derive_key, versions, write_atomic
 from attnc.errors import BuildError, UnsupportedError
 
 ARCHES = ("sm_90a", "sm_80")
@@ -65,6 +67,18 @@ def _tilelang():
 
     logging.getLogger("tilelang").setLevel(logging.WARNING)
     return tilelang
+
+
+def source_key(label: str, source: str, target: Target, pass_configs: dict | None = None) -> str:
+    """The cache key of building ``source``: ``<label>_<hash>`` over the source text and what the build reads besides
+    it: the target, tilelang's pass configs, attnc's and tilelang's versions. The label (``fwd_bfloat16_d128_sm90a``)
+    is for people."""
+    return derive_key(label, {
+        "source": source,
+        "target": [target.kind, target.arch],
+        "pass_configs": pass_configs or {},
+        "versions": versions(),
+    })
 
 
 def source_path(key: str) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 from importlib import resources
 
 import jinja2
@@ -27,18 +26,6 @@ def environment() -> jinja2.Environment:
 
 def template_name(family: str) -> str:
     return f"{family}.py.j2"
-
-
-@functools.cache
-def template_hash(family: str) -> str:
-    """sha256 of the family's template and the shared macros: part of every cache key."""
-    digest = hashlib.sha256()
-    for name in (template_name(family), "macros.py.j2"):
-        path = TEMPLATE_DIR / name
-        if not path.is_file():
-            raise BuildError(f"no template for kernel family {family!r} ({name} is not in {TEMPLATE_DIR})")
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def render(ctx: KernelContext) -> str:

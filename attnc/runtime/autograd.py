@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 import torch
 
 from attnc.codegen import build, render
-from attnc.codegen.cache import derive_key, versions
 from attnc.codegen.context import dkv_mode, make_bwd_context
 from attnc.dsl.blockmask import BlockMaskLayout, block_mask_layout
 from attnc.dsl.derivative import read_gradients
@@ -118,23 +117,11 @@ class Backward:
         """The kernel of stage ``name``, rendered on first request."""
         if name not in self.stages:
             family, ir = self.family, self.ir
-            config = self.config_of(name)
-            key = derive_key(f"{family}_{name}_{self.dtype}_d{ir.qk_dim}_{self.target.label}", {
-                "ir": ir.canonical(),
-                "template": render.template_hash(family),
-                "config": config.to_json(),
-                "target": [self.target.kind, self.target.arch],
-                "stage": name,
-                "dq_mode": self.dq_mode if self.target.kind == "cuda" else "serial",  # cpu: one serial kernel
-                "grads": list(self.grads),
-                "main_structure": [self.warp_specialized, self.dq_tma_reduce] if name == "main" else None,
-                "block_mask": self.block_mask.canonical() if name in self.mask_stages() else None,
-                "versions": versions(),
-            })
             layout = self.block_mask if name in self.mask_stages() else None
-            ctx = make_bwd_context(family, f"attnc_{family}_{name}", ir, config, self.dtype, name,
+            ctx = make_bwd_context(family, f"attnc_{family}_{name}", ir, self.config_of(name), self.dtype, name,
                                    self.dq_mode, self.grads, self.warp_specialized, self.dq_tma_reduce, layout)
-            self.stages[name] = BuiltKernel(family, key, render.render(ctx), self.target)
+            self.stages[name] = BuiltKernel(family, f"{family}_{name}_{self.dtype}_d{ir.qk_dim}_{self.target.label}",
+                                            render.render(ctx), self.target)
         return self.stages[name]
 
     def classifier(self, stage: str) -> BlockMaskKernel:

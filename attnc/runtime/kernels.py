@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnc.codegen import build, render
-from attnc.codegen.cache import cache_dir, derive_key, versions
+from attnc.codegen.cache import cache_dir
 from attnc.codegen.context import make_block_mask_context, make_context
 from attnc.dsl.blockmask import BlockMaskLayout, block_mask_layout
 from attnc.dsl.ir import AttentionIR
@@ -28,24 +28,6 @@ from attnc.schedules.resources import require_fits
 log = logging.getLogger(__name__)
 
 KERNEL_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def kernel_key(family: str, ir: AttentionIR, config: KernelConfig, dtype: str, target: build.Target,
-               block_mask: BlockMaskLayout | None = None, plain: bool = False) -> str:
-    """``<family>_<dtype>_d<qk_dim>_<target>_<hash>`` over everything the kernel depends on."""
-    prefix = f"{family}_{dtype}_d{ir.qk_dim}_{target.label}"
-    payload = {
-        "ir": ir.canonical(),
-        "template": render.template_hash(family),
-        "config": config.to_json(),
-        "target": [target.kind, target.arch],
-        "versions": versions(),
-    }
-    if block_mask is not None:
-        payload["block_mask"] = block_mask.canonical()
-    if plain:
-        payload["plain"] = True
-    return derive_key(prefix, payload)
 
 
 def pass_configs(family: str, target: build.Target) -> dict:
@@ -64,13 +46,18 @@ def pass_configs(family: str, target: build.Target) -> dict:
 
 @dataclass
 class BuiltKernel:
-    """A rendered kernel source under its cache key; built (or loaded from the disk cache) on first use."""
+    """A rendered kernel source under its cache key, ``<label>_<hash>`` over the source and what its build reads
+    besides (`attnc.codegen.build.source_key`); built (or loaded from the disk cache) on first use."""
 
     family: str
-    key: str
+    label: str = field(repr=False)
     source: str = field(repr=False)
     target: build.Target
+    key: str = field(init=False)
     compiled: object = field(default=None, kw_only=True)
+
+    def __post_init__(self):
+        self.key = build.source_key(self.label, self.source, self.target, pass_configs(self.family, self.target))
 
     def build(self) -> BuiltKernel:
         if self.compiled is None:
@@ -115,10 +102,9 @@ class Kernel(BuiltKernel):
                          dtype_bytes=2)
         tilemap = analyse(ir.mask, config.block_m, config.block_n)
         layout = block_mask_layout(ir.mask) if block_mask else None
-        key = kernel_key(family, ir, config, dtype, target, layout, plain)
         ctx = make_context(family, f"attnc_{family}", ir, tilemap, config, dtype, target.arch, layout, plain)
-        return cls(family, key, render.render(ctx), target, tilemap=tilemap, config=config, block_mask=layout, ir=ir,
-                   dtype=dtype, plain=plain)
+        return cls(family, f"{family}_{dtype}_d{ir.qk_dim}_{target.label}", render.render(ctx), target,
+                   tilemap=tilemap, config=config, block_mask=layout, ir=ir, dtype=dtype, plain=plain)
 
     def build(self) -> Kernel:
         """Build (or load); a cuda kernel that tilelang 0.1.15 cannot lower with hoisted reads or score vectors
@@ -152,16 +138,10 @@ class BlockMaskKernel(BuiltKernel):
         layout = block_mask_layout(ir.mask)
         family = "cpu_block_mask" if target.kind == "cpu" else "block_mask"
         config = KernelConfig(block_m=block_m, block_n=block_n, stages=1, threads=block_m)
-        key = derive_key(f"{family}_{target.label}", {
-            "ir": ir.canonical(),
-            "template": render.template_hash(family),
-            "tiles": [block_m, block_n],
-            "target": [target.kind, target.arch],
-            "versions": versions(),
-        })
         tilemap = analyse(ir.mask, block_m, block_n)
         ctx = make_block_mask_context(family, f"attnc_{family}", ir, tilemap, config, layout, target.arch)
-        return cls(family, key, render.render(ctx), target, layout=layout, block_m=block_m, block_n=block_n)
+        return cls(family, f"{family}_{target.label}", render.render(ctx), target, layout=layout, block_m=block_m,
+                   block_n=block_n)
 
 
 # --- building in parallel ------------------------------------------------------------------------------------------

@@ -1,20 +1,22 @@
-"""Rendering (strict context, readable sources), derived cache keys and atomic, self-healing cache writes."""
+"""Rendering (strict context, readable sources), cache keys derived from the rendered source, and atomic,
+self-healing cache writes."""
 
 import dataclasses
 import multiprocessing
 
 import jinja2
 import pytest
+import sympy
 import torch
 
 import attnc
-from attnc.codegen import render
-from attnc.codegen.build import Target, source_path
+from attnc.codegen import printer, render
+from attnc.codegen.build import Target, source_key, source_path
 from attnc.codegen.cache import cache_dir, derive_key, write_atomic
 from attnc.codegen.context import make_context
 from attnc.dsl.tilemap import analyse
 from attnc.errors import BuildError, UnsupportedError
-from attnc.runtime.kernels import Kernel, kernel_key
+from attnc.runtime.kernels import Kernel
 from attnc.schedules.config import KernelConfig
 
 
@@ -42,20 +44,40 @@ def test_a_missing_context_field_fails_the_render():
         render.render(dataclasses.replace(ctx, family="nope"))
 
 
-def test_cache_keys_are_derived_from_everything_the_kernel_depends_on():
+def cpu_key(spec, config=KernelConfig(16, 32, 1, 1), dtype="float32"):
+    return Kernel.render("cpu_fwd", spec.ir, config, dtype, Target("cpu")).key
+
+
+def test_cache_keys_are_derived_from_the_rendered_source_and_the_build():
     spec = attnc.Attention(4, qk_dim=32, mask_mod=attnc.mods.causal())
-    cpu = Target("cpu")
-    config = KernelConfig(16, 32, 1, 1)
-    key = kernel_key("cpu_fwd", spec.ir, config, "float32", cpu)
+    key = cpu_key(spec)
     assert key.startswith("cpu_fwd_float32_d32_cpu_") and len(key.split("_")[-1]) == 16
-    assert key == kernel_key("cpu_fwd", spec.ir, config, "float32", cpu)
+    assert key == cpu_key(attnc.Attention(4, qk_dim=32, mask_mod=attnc.mods.causal()))  # the same render
     others = {
-        kernel_key("cpu_fwd", attnc.Attention(4, qk_dim=32).ir, config, "float32", cpu),
-        kernel_key("cpu_fwd", spec.ir, KernelConfig(32, 32, 1, 1), "float32", cpu),
-        kernel_key("cpu_fwd", spec.ir, config, "float16", cpu),
+        cpu_key(attnc.Attention(4, qk_dim=32)),
+        cpu_key(spec, KernelConfig(32, 32, 1, 1)),
+        cpu_key(spec, dtype="float16"),
     }
     assert key not in others and len(others) == 3
+    source = render.render(context(spec))
+    cuda = source_key("x", source, Target("cuda", "sm_90a"))
+    assert len({source_key("x", source, Target("cpu")), cuda, source_key("x", source, Target("cuda", "sm_80")),
+                source_key("x", source, Target("cuda", "sm_90a"), {"tl.enable_fast_math": True})}) == 4
+    assert source_key("x", source + "\n", Target("cuda", "sm_90a")) != cuda
     assert derive_key("x", {"a": 1, "b": 2}) == derive_key("x", {"b": 2, "a": 1})
+
+
+def test_a_code_generator_change_changes_the_key(monkeypatch):
+    """Same spec, config and template, another printer: another source, so another key (the key names one
+    source whatever produced it)."""
+    spec = attnc.Attention(4, qk_dim=32, score_mod=attnc.mods.softcap(20))
+    before = Kernel.render("cpu_fwd", spec.ir, KernelConfig(16, 32, 1, 1), "float32", Target("cpu"))
+    monkeypatch.setitem(printer._FUNCTIONS, sympy.tanh, "T.tanh_changed")
+    after = Kernel.render("cpu_fwd", spec.ir, KernelConfig(16, 32, 1, 1), "float32", Target("cpu"))
+    assert "T.tanh_changed" in after.source and "T.tanh_changed" not in before.source
+    assert after.key != before.key
+    monkeypatch.undo()
+    assert Kernel.render("cpu_fwd", spec.ir, KernelConfig(16, 32, 1, 1), "float32", Target("cpu")).key == before.key
 
 
 def test_cache_dir_honours_the_environment(tmp_path, monkeypatch):
@@ -85,7 +107,11 @@ def test_concurrent_atomic_writes_leave_a_whole_file(tmp_path):
 def test_a_corrupt_cached_source_is_rewritten_not_trusted(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
     spec = attnc.Attention(2, qk_dim=16, mask_mod=attnc.mods.causal())
+    old = source_path("cpu_fwd_float32_d16_cpu_0123456789abcdef")  # an entry under a key of another attnc: unused
+    old.parent.mkdir(parents=True)
+    old.write_text("an old entry(")
     kernel = Kernel.render("cpu_fwd", spec.ir, KernelConfig(16, 32, 1, 1), "float32", Target("cpu")).build()
+    assert old.read_text() == "an old entry("
     path = source_path(kernel.key)
     assert path.read_text() == kernel.source
     path.write_text("garbage that is not the kernel(")
