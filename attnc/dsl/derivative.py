@@ -17,6 +17,7 @@ analysis is sound for any mask it accepts, so the transposed map is sound too, a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import sympy
@@ -119,6 +120,7 @@ class BackwardTiles:
         return self.tilemap.grid(kv_len, q_len)
 
 
+@functools.lru_cache(maxsize=256)  # the stages of one backward share it; sympy makes it costly (~0.7 s for prefix-LM)
 def backward_tiles(mask: sympy.Basic, block_m: int, block_n: int) -> BackwardTiles:
     """The kv-side map for q tiles of ``block_m`` rows and kv tiles of ``block_n`` rows."""
     t = analyse(transpose_mask(mask), block_n, block_m)
