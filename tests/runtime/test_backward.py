@@ -261,6 +261,9 @@ def test_cuda_backward_builds_for_sm90a():
     main = atomic.stage("main").device_source()
     assert "wgmma" in main and "AtomicAdd((&(grad_slopes" in main and "grad_table" in main and "dQacc" in main
     assert "tma_load" in main and "AtomicAddx2((&(dK[" in main  # warp-specialised; GQA: dK summed by atomics
+    writer = main[main.index("dq_full[0].wait("):main.index("dq_empty[0].arrive()")]  # the producer's dQ writer warp
+    assert "tma_store_add(dQacc_desc" in writer and "tma_store_wait" in writer
+    assert main.count("tma_store_add(dQacc_desc") == 1 and "dq_full[0].arrive()" in main  # consumers only hand over
     assert "Sinks" in atomic.stage("pre").device_source()
     atomic.stage("post").build()
     separate = cuda_backward("sm_90a", "separate", layout="bhsd", features=False)
