@@ -149,7 +149,14 @@ class Backward:
         bare = dataclasses.replace(self, stages={}, classifiers={})
         return [functools.partial(bare.kernel, name) for name in self.kernel_names()]
 
+    def build_job(self) -> Callable[[], Backward]:
+        """One picklable job that makes this backward afresh; ``job().build()`` builds every kernel (the tuner's
+        build workers run it)."""
+        return functools.partial(Backward, self.ir, self.target, self.dtype, self.grads, self.dq_mode, self.config,
+                                 self.warp_specialized, self.dq_tma_reduce)
+
     def build(self) -> Backward:
+        """Build (or load) every kernel of `kernel_names`."""
         for name in self.kernel_names():
             self.kernel(name).build()
         return self
@@ -222,8 +229,10 @@ class Backward:
 _BACKWARDS: dict[tuple, Backward] = {}
 
 
-def backward_for(op, dtype: torch.dtype, grads: tuple[str, ...], dq_mode: str | None = None) -> Backward:
-    """The (cached) `Backward` of compiled op ``op`` for ``dtype`` computing the gradients of inputs ``grads``."""
+def backward_for(op, dtype: torch.dtype, grads: tuple[str, ...], dq_mode: str | None = None,
+                 config: KernelConfig | None = None) -> Backward:
+    """The (cached) `Backward` of compiled op ``op`` for ``dtype`` computing the gradients of inputs ``grads``, with
+    ``config`` (default: `heuristics.backward_config`)."""
     deterministic = bool(getattr(op, "deterministic", False))
     dq_mode = dq_mode or getattr(op, "backward_dq_mode", None) or ("separate" if deterministic else "atomic")
     if dq_mode not in DQ_MODES:
@@ -236,10 +245,10 @@ def backward_for(op, dtype: torch.dtype, grads: tuple[str, ...], dq_mode: str | 
             f"deterministic=True cannot compute the gradients of {listing}: captured-tensor gradients accumulate "
             "with atomics on cuda, whose order varies between runs. Compile with deterministic=False, or detach "
             "those tensors (or stop them requiring grad).")
-    key = (op.op_id, dtype, grads, dq_mode)
+    config = config or backward_config(op.target.arch or "cpu", op.ir)
+    key = (op.op_id, dtype, grads, dq_mode, config)
     if key not in _BACKWARDS:
-        _BACKWARDS[key] = Backward(op.ir, op.target, KERNEL_DTYPES[dtype], grads, dq_mode,
-                                   backward_config(op.target.arch or "cpu", op.ir))
+        _BACKWARDS[key] = Backward(op.ir, op.target, KERNEL_DTYPES[dtype], grads, dq_mode, config)
     return _BACKWARDS[key]
 
 
@@ -260,7 +269,8 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         grads = tuple(n for n in names if n in differentiable)
     else:  # cuda: only the gradients asked for, each costs atomics
         grads = tuple(names[i] for i in wanted if i < len(names) and names[i] in differentiable)
-    dq, dk, dv, dinputs, dsinks = backward_for(op, q.dtype, grads).run(
+    config, _ = op.backward_config_for(q.dtype, q.shape[0], lse.shape[-1], k.shape[1 if ir.layout == "bshd" else 2])
+    dq, dk, dv, dinputs, dsinks = backward_for(op, q.dtype, grads, config=config).run(
         q, k, v, list(extras), out, lse, dout.contiguous(), dlse)
     result = []
     for i in wanted:

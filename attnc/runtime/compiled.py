@@ -64,6 +64,7 @@ class CompiledAttention:
         self.tune_options = tuner.check_tune_options(tune_options)
         self._kernels: dict[tuple[torch.dtype, KernelConfig], Kernel] = {}
         self._dispatch: dict[tuple, tuple[KernelConfig, str]] = {}  # tuner.dispatch_slot -> (config, source)
+        self._backward_dispatch: dict[tuple, tuple[KernelConfig, str]] = {}  # the same for the backward
         self._bounds = IndexBounds(self.ir)
         self._captured = spec.captured_tensors()
         self.block_mask_layout = block_mask_layout(self.ir.mask)
@@ -89,6 +90,17 @@ class CompiledAttention:
             self._dispatch[slot] = tuner.lookup_or_tune(self, dtype, batch=batch, q_len=q_len, kv_len=kv_len,
                                                         inputs=inputs)
         return self._dispatch[slot]
+
+    def backward_config_for(self, dtype: torch.dtype, batch: int, q_len: int, kv_len: int) -> tuple[KernelConfig, str]:
+        """The backward's config for a call of these sizes and where it comes from, as `config_for` (compile's
+        ``config`` is the forward's only): the database entry of the backward family for the bucket (tuned ahead:
+        ``attnc.schedules.tuner.tune(..., backward=True)``, ``attnc tune --backward``), else
+        `attnc.schedules.heuristics.backward_config`."""
+        slot = tuner.dispatch_slot(self.ir, dtype, batch, q_len, kv_len)
+        if slot not in self._backward_dispatch:
+            self._backward_dispatch[slot] = tuner.lookup_or_tune(self, dtype, batch=batch, q_len=q_len,
+                                                                 kv_len=kv_len, backward=True)
+        return self._backward_dispatch[slot]
 
     def kernel(self, dtype: torch.dtype, config: KernelConfig | None = None) -> Kernel:
         """The forward kernel for ``dtype`` and ``config`` (default: `config`), rendered (not built) on first

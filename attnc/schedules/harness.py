@@ -1,5 +1,5 @@
-"""The measuring harness of one tuning run: a small check input with its reference result, timing inputs at the
-bucket's real sizes, and running one forward kernel on them.
+"""The measuring harnesses of one tuning run: a small check input with its reference result, timing inputs at the
+bucket's real sizes, and running one forward kernel (`Harness`) or one backward (`BackwardHarness`) on them.
 
 `Harness.verify(kernel)` runs the kernel on the check input (at most ``CHECK_LEN`` per length, batch ≤ 2, outputs
 pre-filled with NaN so a kernel that writes nothing fails) and compares it with `attention_reference` by DESIGN.md's
@@ -7,6 +7,11 @@ rule: fp32 max abs error ≤ 1e-4; bf16/fp16 ≤ 2× torch's own same-precision 
 exactly where the reference has it. `Harness.time(kernel)` times it with `timing.measure` over `timing.buffer_count`
 rotating input sets. Forward kernels are called as ``kernel(q, k, v, *extras, *block_mask, out, lse)``, the block
 mask's tensors (when the mask reads a tensor) made for the kernel's tiles before timing, as FlexAttention's are.
+
+`BackwardHarness` checks a `attnc.runtime.autograd.Backward` (every stage of one config) the same way: its dq, dk,
+dv from the reference's out and lse against float64 autograd of the reference, within twice torch's own
+same-precision error (floored at half an ulp of the largest gradient: one lucky rounding of a short sum must not set
+the bar) + 1e-5, or 1e-4 relative to the gradient's size in fp32; and times ``Backward.run`` at the bucket's sizes.
 """
 
 from __future__ import annotations
@@ -111,3 +116,86 @@ class Harness:
         extras = extras + self.op.block_mask_tensors(kernel.config, sets[0][0], sets[0][1], extras)
         return timing.measure(lambda q, k, v, out, lse: kernel(q, k, v, *extras, out, lse), sets, device=self.device,
                               warmup=self.warmup, reps=self.reps, max_seconds=max_seconds)
+
+
+class BackwardHarness:
+    """`Harness` for the backward of ``op``: checks and times a `Backward` (q, k, v gradients) at these sizes."""
+
+    def __init__(self, op, dtype: torch.dtype, batch: int, q_len: int, kv_len: int, inputs: InputsArg,
+                 device: torch.device, *, warmup: int, reps: int):
+        self.op, self.ir, self.dtype, self.device = op, op.ir, dtype, device
+        self.batch, self.q_len, self.kv_len, self.inputs = batch, q_len, kv_len, inputs
+        self.warmup, self.reps = warmup, reps
+        self._timing: tuple[list[tuple], list[torch.Tensor]] | None = None
+        generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+        self.check_set, self.check_extras, given = self._inputs(min(batch, 2), min(q_len, CHECK_LEN),
+                                                                min(kv_len, CHECK_LEN), generator)
+        q, k, v, _, _, dout = self.check_set
+        tensors = self._tensors(given)
+        sinks = self.check_extras[-1] if self.ir.sinks else None
+        self.want = self._reference_grads(q, k, v, dout, tensors, sinks, torch.float64)
+        low = self._reference_grads(q, k, v, dout, tensors, sinks, dtype) if dtype != torch.float32 else None
+        self.bounds = []
+        for i, want in enumerate(self.want):
+            size = want.abs().max().item() if want.numel() else 0.0
+            if low is None:
+                self.bounds.append(tolerance(torch.float32) * max(1.0, size))
+            else:
+                half_ulp = torch.finfo(dtype).eps / 2 * size
+                self.bounds.append(tolerance(dtype, max(max_abs_error(low[i], want), half_ulp)))
+
+    def given(self, q_len: int, kv_len: int) -> dict[str, torch.Tensor]:
+        made = self.inputs(q_len, kv_len) if callable(self.inputs) else (self.inputs or {})
+        return {name: t.to(self.device) for name, t in made.items()}
+
+    def _tensors(self, given: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**{n: t.to(self.device) for n, t in self.op.spec.captured_tensors().items()}, **given}
+
+    def _inputs(self, batch: int, q_len: int, kv_len: int, generator: torch.Generator,
+                reference: bool = True) -> tuple[tuple, list, dict]:
+        """``(q, k, v, out, lse, dout)``, the extras in kernel order and the given tensors; out and lse from the float64 reference (the
+        check input), or from the op's own forward (the timing inputs: the reference would not fit at full size)."""
+        ir = self.ir
+        q, k, v = random_qkv(ir, batch, q_len, kv_len, self.dtype, self.device, generator)
+        sinks = random_sinks(ir, self.device, generator)
+        given = self.given(q_len, kv_len)
+        _, extras = self.op.prepare(q, k, v, given, sinks)
+        if reference:
+            out, lse = attention_reference(ir, q, k, v, self._tensors(given), sinks, dtype=torch.float64)
+        else:
+            out, lse = self.op(q, k, v, sinks=sinks, return_lse=True, **given)
+        dout = torch.randn(out.shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+        return (q, k, v, out.to(self.dtype), lse.to(torch.float32), dout), extras, given
+
+    def _reference_grads(self, q, k, v, dout, tensors, sinks, dtype) -> list[torch.Tensor]:
+        with torch.enable_grad():  # a backward tuned on its first call runs inside the backward op (grad mode off)
+            leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+            low = {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+            out, _ = attention_reference(self.ir, *leaves, low, sinks.to(dtype) if sinks is not None else None,
+                                         dtype=dtype)
+            return list(torch.autograd.grad(out, leaves, dout.to(dtype)))
+
+    def verify(self, backward) -> str | None:
+        """None when ``backward``'s dq, dk, dv agree with the reference, else what is wrong."""
+        q, k, v, out, lse, dout = self.check_set
+        got = backward.run(q, k, v, list(self.check_extras), out, lse, dout, None)[:3]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for name, g, want, bound in zip(("dq", "dk", "dv"), got, self.want, self.bounds):
+            error = max_abs_error(g, want)
+            if not error <= bound:
+                return f"{name} max abs error {error:.3g} > tolerance {bound:.3g}"
+        return None
+
+    def time(self, backward, max_seconds: float | None = None) -> timing.Timing:
+        """``backward.run``'s times at the full sizes, rotating among the input sets (made on first use)."""
+        if self._timing is None:
+            generator = torch.Generator().manual_seed(0)
+            first, extras, _ = self._inputs(self.batch, self.q_len, self.kv_len, generator, reference=False)
+            per_set = sum(t.numel() * t.element_size() for t in first)
+            sets = [first] + [self._inputs(self.batch, self.q_len, self.kv_len, generator, reference=False)[0]
+                              for _ in range(timing.buffer_count(per_set, self.device) - 1)]
+            self._timing = sets, extras
+        sets, extras = self._timing
+        return timing.measure(lambda q, k, v, out, lse, dout: backward.run(q, k, v, extras, out, lse, dout, None),
+                              sets, device=self.device, warmup=self.warmup, reps=self.reps, max_seconds=max_seconds)

@@ -1,7 +1,8 @@
 """``attnc tune``: tune a SPEC.py for some lengths, and move tuned configs between machines.
 
     attnc tune SPEC.py [--lengths 1k,4k,16k] [--batch 4] [--dtype bf16] [--target auto] [--budget 60]
-                       [--max-candidates N] [--workers N] [--database FILE] [--export FILE] [--import FILE]
+                       [--max-candidates N] [--workers N] [--backward] [--database FILE] [--export FILE]
+                       [--import FILE]
 
 Order of work: ``--import`` merges a file of exported entries into the database first (keeping the faster entry per
 key), then each length of ``--lengths`` is tuned (when a SPEC.py is given), then ``--export`` writes every entry of
@@ -102,6 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="merge the entries of FILE (written by --export) into the database first")
     parser.add_argument("--export", dest="export_file", type=Path, default=None, metavar="FILE",
                         help="write every entry of the database to FILE (JSON lines) at the end")
+    parser.add_argument("--backward", action="store_true",
+                        help="tune the backward kernels (the gradients of q, k, v) instead of the forward")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run)
     return parser
@@ -150,7 +153,7 @@ def _tune(args: argparse.Namespace, db) -> int:
     from attnc.cli import load_spec
     from attnc.runtime.check import dtype_label, parse_dtype
     from attnc.runtime.compiled import TARGET_DTYPES, resolve_target
-    from attnc.schedules.tuner import TuneError, tune
+    from attnc.schedules.tuner import TuneError, backward_family, tune
 
     loaded = load_spec(args.spec)
     target = resolve_target(args.target)
@@ -158,7 +161,7 @@ def _tune(args: argparse.Namespace, db) -> int:
     lengths = args.lengths or ([(4096, 4096)] if target.kind == "cuda" else [(256, 256)])
     op = attnc.compile(loaded.spec, target=target)
     _print(loaded.spec.ir.describe())
-    _print(f"tuning {op.family} on {target.label}, {dtype_label(dtype)}, batch {args.batch}, budget {args.budget:g} s "
+    _print(f"tuning {backward_family(op) if args.backward else op.family} on {target.label}, {dtype_label(dtype)}, batch {args.batch}, budget {args.budget:g} s "
            f"per length; database {db.path}")
     rows, status = [], 0
     for q_len, kv_len in lengths:
@@ -166,7 +169,7 @@ def _tune(args: argparse.Namespace, db) -> int:
         try:
             result = tune(op, dtype=dtype, batch=args.batch, q_len=q_len, kv_len=kv_len, inputs=make,
                           budget_s=args.budget, max_candidates=args.max_candidates, workers=args.workers,
-                          database=db, progress=not args.quiet)
+                          database=db, progress=not args.quiet, backward=args.backward)
         except TuneError as error:
             _print(f"q_len {q_len}, kv_len {kv_len}: {error}")
             status = 1

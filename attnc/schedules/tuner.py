@@ -26,8 +26,9 @@ that a run never ends without a result it can still get: builds go on until one 
 timings until one candidate has been timed. A tqdm bar shows the candidates built, timed and the best so far.
 
 The tuner runs the forward families (``fwd``, ``cpu_fwd``), whose kernels are called as
-``kernel(q, k, v, *extras, *block_mask, out, lse)`` (`attnc.schedules.harness`); other families are refused until
-they have a runner here.
+``kernel(q, k, v, *extras, *block_mask, out, lse)``, and with ``backward=True`` the backward families (``bwd``,
+``cpu_bwd``): a candidate is every stage of one config, checked on dq, dk, dv and timed as ``Backward.run``
+(`attnc.schedules.harness`); other families (decode) are refused until they have a runner here.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from attnc.schedules import timing
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.database import TuningDatabase
 from attnc.schedules.records import TuningKey
-from attnc.schedules.harness import Harness, InputsArg
+from attnc.schedules.harness import BackwardHarness, Harness, InputsArg
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ MAX_WORKERS = 16
 """Build processes at most (the GPU machine has 16 cores); the default is ``min(os.cpu_count(), MAX_WORKERS)``."""
 
 FORWARD_FAMILIES = ("fwd", "cpu_fwd")
+BACKWARD_FAMILIES = ("bwd", "cpu_bwd")
 _BUILT: set[tuple] = set()  # (ir key, family, dtype, target, config) this process has loaded: no worker needed
 _POOL_RESTARTS = 2
 
@@ -140,6 +142,11 @@ def tuning_key(ir, family: str, target, dtype: torch.dtype, *, batch: int, q_len
                           q_len=q_len, kv_len=kv_len, batch_heads=max(1, batch * ir.q_heads))
 
 
+def backward_family(op) -> str:
+    """The family of ``op``'s backward kernels: ``cpu_bwd`` or ``bwd``."""
+    return "cpu_bwd" if op.target.kind == "cpu" else "bwd"
+
+
 def default_workers() -> int:
     """``min(os.cpu_count(), MAX_WORKERS)``."""
     return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
@@ -161,13 +168,11 @@ def order_candidates(configs: Sequence[KernelConfig], default: KernelConfig) -> 
 
 # --- building -------------------------------------------------------------------------------------------------------
 
-def _builds(jobs: dict[int, KernelConfig], ready: Sequence[int], family, ir, dtype_name, target, workers: int,
-            stop_at: Callable[[], float], render_here: Callable[[KernelConfig], Kernel]
-            ) -> Iterator[tuple[int, str | None, float]]:
+def _builds(jobs: dict[int, KernelConfig], ready: Sequence[int], job_of: Callable[[KernelConfig], Callable],
+            workers: int, stop_at: Callable[[], float]) -> Iterator[tuple[int, str | None, float]]:
     """Yield ``(index, error or None, seconds)`` as builds finish, the ``ready`` ones (built before) first, once the
-    workers have their jobs; stop when ``stop_at()`` has passed.
-
-    With ``workers <= 1`` the builds run in this process, of the kernels ``render_here(config)``.
+    workers have their jobs; stop when ``stop_at()`` has passed. ``job_of(config)``: a picklable job whose result's
+    ``build()`` builds that config's kernels (run in this process with ``workers <= 1``).
     """
     pending = dict(jobs)
     if workers <= 1 or not pending:
@@ -175,7 +180,7 @@ def _builds(jobs: dict[int, KernelConfig], ready: Sequence[int], family, ir, dty
         for index, config in list(pending.items()):
             if time.monotonic() >= stop_at():
                 return
-            yield (index, *timed_build(functools.partial(render_here, config)))
+            yield (index, *timed_build(job_of(config)))
         return
     from attnc.codegen.cache import cache_dir
 
@@ -183,8 +188,7 @@ def _builds(jobs: dict[int, KernelConfig], ready: Sequence[int], family, ir, dty
     restarts = 0
     while pending:
         pool = _pool(workers)
-        futures = {pool.submit(build_in_worker, functools.partial(Kernel.render, family, ir, c, dtype_name, target),
-                               cache): i for i, c in pending.items()}
+        futures = {pool.submit(build_in_worker, job_of(c), cache): i for i, c in pending.items()}
         broken = False
         try:
             yield from ((index, None, 0.0) for index in ready)
@@ -291,8 +295,10 @@ def tune(
     progress: bool | IO[str] = True,
     warmup: int | None = None,
     reps: int | None = None,
+    backward: bool = False,
 ) -> TuneResult:
-    """Tune the forward kernel of ``spec_or_op`` for one shape bucket and record the fastest config.
+    """Tune the forward kernel of ``spec_or_op`` (with ``backward=True`` its backward: every stage of one config,
+    dq, dk, dv checked and `Backward.run` timed) for one shape bucket and record the fastest config.
 
     Args:
         spec_or_op: an `attnc.Attention`, or a `CompiledAttention` (whose target is then used).
@@ -311,6 +317,8 @@ def tune(
         record: store the best in the database (default True).
         progress: show a tqdm bar on stderr (default True), or write it to this text file; False hides it.
         warmup, reps: timing runs (default 3 and 20 on cuda, 1 and 5 on cpu).
+        backward: tune the backward family (``bwd`` / ``cpu_bwd``) instead of the forward; the op's backward then
+            dispatches to the entry (`CompiledAttention.backward_config_for`).
     Raises:
         TuneError: no candidate could be built, checked and timed; the message gives each one's failure.
     """
@@ -319,15 +327,18 @@ def tune(
     from attnc.codegen import render
     from attnc.runtime.check import parse_dtype
     from attnc.runtime.compiled import TARGET_DTYPES
+    from attnc.runtime.autograd import backward_for
     from attnc.runtime.kernels import KERNEL_DTYPES
-    from attnc.schedules.heuristics import default_config
+    from attnc.schedules.heuristics import backward_config, default_config
     from attnc.schedules.space import space
 
     started = time.monotonic()
     op = _resolve_op(spec_or_op, target)
-    target, family, ir = op.target, op.family, op.ir
-    if family not in FORWARD_FAMILIES:
-        raise UnsupportedError(f"the tuner runs the forward families {FORWARD_FAMILIES}; {family!r} has no runner")
+    target, ir = op.target, op.ir
+    family = backward_family(op) if backward else op.family
+    if family not in FORWARD_FAMILIES + BACKWARD_FAMILIES:
+        raise UnsupportedError(f"the tuner runs the families {FORWARD_FAMILIES + BACKWARD_FAMILIES}; {family!r} "
+                               "has no runner")
     if not (render.TEMPLATE_DIR / render.template_name(family)).is_file():
         raise UnsupportedError(f"no template for kernel family {family!r} yet: nothing to tune on {target.label}")
     dtype = parse_dtype(dtype) if dtype is not None else TARGET_DTYPES[target.kind][0]
@@ -346,7 +357,7 @@ def tune(
     arch = target.arch or "cpu"
     dtype_name = KERNEL_DTYPES[dtype]
 
-    default = default_config(family, arch, ir, dtype_name)
+    default = backward_config(arch, ir) if backward else default_config(family, arch, ir, dtype_name)
     if configs is None:
         configs = space(family, arch, ir.qk_dim, ir.v_dim, ir.group, dtype.itemsize)
     ordered = order_candidates(list(configs), default)
@@ -358,10 +369,19 @@ def tune(
 
     warmup = (3 if cuda else 1) if warmup is None else warmup
     reps = (20 if cuda else 5) if reps is None else reps
-    harness = Harness(op, dtype, batch, q_len, kv_len, inputs, device, warmup=warmup, reps=reps)
+    harness = (BackwardHarness if backward else Harness)(op, dtype, batch, q_len, kv_len, inputs, device,
+                                                          warmup=warmup, reps=reps)
     captured = {n: t.to(device) for n, t in op.spec.captured_tensors().items()}
     elements = timing.unmasked_elements(ir, batch, q_len, kv_len, {**captured, **harness.given(q_len, kv_len)})
-    flops = timing.attention_flops(ir, elements)
+    flops = timing.attention_flops(ir, elements, backward=backward)
+
+    def loaded_here(config: KernelConfig):  # the op's own caches: shared with dispatch and later buckets
+        return backward_for(op, dtype, (), config=config) if backward else op.kernel(dtype, config)
+
+    def job_of(config: KernelConfig):
+        if backward:
+            return backward_for(op, dtype, (), config=config).build_job()
+        return functools.partial(Kernel.render, family, ir, config, dtype_name, target)
 
     deadline = started + budget_s
     outcome: dict[int, Candidate] = {}
@@ -386,8 +406,8 @@ def tune(
 
     def measure(index: int, build_s: float) -> None:
         config = ordered[index]
-        try:  # the op's kernel cache: loaded once per op, shared with dispatch and later buckets
-            kernel = op.kernel(dtype, config).build()
+        try:
+            kernel = loaded_here(config).build()
         except Exception as error:  # noqa: BLE001
             return skip(index, "build_failed", one_line(error), build_s)
         _BUILT.add((ir.key, family, dtype_name, target, config))
@@ -409,8 +429,7 @@ def tune(
     try:
         built_before = [i for i, c in enumerate(ordered) if (ir.key, family, dtype_name, target, c) in _BUILT]
         jobs = {i: c for i, c in enumerate(ordered) if i not in built_before}
-        builds = _builds(jobs, built_before, family, ir, dtype_name, target, workers, stop_at,
-                         lambda config: op.kernel(dtype, config))
+        builds = _builds(jobs, built_before, job_of, workers, stop_at)
         with contextlib.closing(builds):  # closing ends the worker processes, on an error too
             for index, error, build_s in builds:
                 if error is not None:
@@ -502,25 +521,35 @@ def lookup(key: TuningKey, database=None):
 
 
 def lookup_or_tune(op, dtype: torch.dtype, *, batch: int, q_len: int, kv_len: int,
-                   inputs: InputsArg = None) -> tuple[KernelConfig, str]:
-    """The config for a call of ``op`` and its source: ``'database'`` (an entry for the call's bucket),
-    ``'tuned'`` (tuned now but not recorded) or ``'heuristic'`` (the default config).
+                   inputs: InputsArg = None, backward: bool = False) -> tuple[KernelConfig, str]:
+    """The config for a call of ``op`` (its backward with ``backward=True``) and its source: ``'database'`` (an
+    entry for the call's bucket), ``'tuned'`` (tuned now but not recorded) or ``'heuristic'`` (the default config).
+    The backward is looked up, never tuned here: it is resolved inside the backward op, where autograd (which the
+    candidates' check needs for its reference) is off; tune it ahead with ``tune(..., backward=True)`` or
+    ``attnc tune --backward``.
 
     With ``op.tune`` set, a bucket without an entry (any bucket with the ``force`` option) is tuned first, at the
     call's sizes; a tuning that fails is logged and the heuristic is used. Without a visible GPU a cuda op (built
     ahead of time) gets the heuristic: the database is keyed by the GPU.
     """
+    from attnc.schedules.heuristics import backward_config
+
+    def heuristic() -> KernelConfig:
+        return backward_config(op.target.arch or "cpu", op.ir) if backward else op.config(dtype)
+
     if op.target.kind == "cuda" and not torch.cuda.is_available():
-        return op.config(dtype), "heuristic"  # building ahead of time for a GPU elsewhere: nothing to look up
+        return heuristic(), "heuristic"  # building ahead of time for a GPU elsewhere: nothing to look up
     options = op.tune_options
     database = options.get("database")
-    key = tuning_key(op.ir, op.family, op.target, dtype, batch=batch, q_len=q_len, kv_len=kv_len)
-    entry = None if (op.tune and options.get("force")) else lookup(key, database)
-    if entry is None and op.tune:
+    family = backward_family(op) if backward else op.family
+    key = tuning_key(op.ir, family, op.target, dtype, batch=batch, q_len=q_len, kv_len=kv_len)
+    entry = None if (op.tune and options.get("force") and not backward) else lookup(key, database)
+    if entry is None and op.tune and not backward:
         settings = {name: options[name] for name in TUNE_OPTIONS if name in options and name not in ("force", "inputs")}
         inputs = inputs if inputs is not None else options.get("inputs")
         try:
-            result = tune(op, dtype=dtype, batch=batch, q_len=q_len, kv_len=kv_len, inputs=inputs, **settings)
+            result = tune(op, dtype=dtype, batch=batch, q_len=q_len, kv_len=kv_len, inputs=inputs, backward=backward,
+                          **settings)
         except AttncError as error:
             log.warning("tuning %s failed; using the default heuristic: %s", key.short(), one_line(error))
         else:
@@ -529,7 +558,7 @@ def lookup_or_tune(op, dtype: torch.dtype, *, batch: int, q_len: int, kv_len: in
                 return result.best, "tuned"
     if entry is not None:
         return entry.config, "database"
-    return op.config(dtype), "heuristic"
+    return heuristic(), "heuristic"
 
 
 def tune_ahead(op, shapes: Sequence[Sequence[int]], dtype: torch.dtype) -> None:

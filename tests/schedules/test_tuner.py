@@ -216,6 +216,84 @@ def test_a_document_mask_is_checked_and_timed_with_its_block_mask(tmp_path):
     assert result.count("timed") == 2 and result.best in (SMALL, DEFAULT)
 
 
+# --- the backward --------------------------------------------------------------------------------------------------
+
+def backward_grads(op, q, k, v, g):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    op(*leaves).backward(g)
+    return [t.grad for t in leaves]
+
+
+def test_tune_backward_checks_times_and_records_and_the_backward_dispatches_to_its_entry(tmp_path):
+    from attnc.runtime import autograd
+
+    db_path = tmp_path / "tuning.sqlite"
+    result = tuner.tune(SPEC, target="cpu", batch=1, q_len=48, configs=[SMALL, WIDE], backward=True,
+                        database=db_path, **QUIET)
+    assert result.key.family == "cpu_bwd" and result.default == DEFAULT  # the backward heuristic's, timed first
+    assert set(timed(result)) == set(SPACE) and result.count("timed") == 3 and result.recorded
+    assert result.tflops > 0 and result.ms == min(timed(result).values())
+
+    # Dispatch: the backward of a call in that bucket runs the entry's config (here forced to WIDE), the forward
+    # keeps its own (no forward entry); the gradients are right.
+    with TuningDatabase(db_path) as db:
+        db.record(result.key, WIDE, result.ms / 10)
+    op = attnc.compile(SPEC, target="cpu", tune_options={"database": db_path})
+    assert op.backward_config_for(torch.float32, 1, 40, 40) == (WIDE, "database")
+    assert op.backward_config_for(torch.float32, 1, 200, 200) == (DEFAULT, "heuristic")
+    assert op.config_for(torch.float32, 1, 40, 40) == (DEFAULT, "heuristic")
+    q, k, v, g = (torch.randn(1, 40, 2, 16, dtype=torch.float64) for _ in range(4))
+    got = backward_grads(op, *(t.float() for t in (q, k, v, g)))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    attnc.attention_reference(op.ir, *leaves)[0].backward(g)
+    for a, b in zip(got, leaves):
+        assert (a.double() - b.grad).abs().max() <= 1e-4 * max(1.0, b.grad.abs().max().item())
+    assert any(key[0] == op.op_id and key[-1] == WIDE for key in autograd._BACKWARDS)
+
+
+def test_compile_tune_leaves_the_backward_to_its_database_entry_or_the_heuristic(tmp_path):
+    db_path = tmp_path / "tuning.sqlite"  # the backward op runs with autograd off: no check reference, no tuning there
+    op = attnc.compile(SPEC, target="cpu", tune=True,
+                       tune_options={"database": db_path, "configs": [SMALL], "progress": False, "workers": 0})
+    backward_grads(op, *(torch.randn(1, 20, 2, 16) for _ in range(4)))
+    assert op.backward_config_for(torch.float32, 1, 20, 20) == (DEFAULT, "heuristic")
+    with TuningDatabase(db_path) as db:
+        assert [e.key.family for e in db.entries()] == ["cpu_fwd"]
+
+
+def test_the_backward_harness_rejects_wrong_gradients():
+    from attnc.runtime.autograd import backward_for
+    from attnc.schedules.harness import BackwardHarness
+
+    op = attnc.compile(SPEC, target="cpu")
+    harness = BackwardHarness(op, torch.float32, 1, 40, 40, None, torch.device("cpu"), warmup=1, reps=2)
+    backward = backward_for(op, torch.float32, (), config=SMALL).build()
+    assert harness.verify(backward) is None
+
+    class OffByOne:
+        def run(self, *args):
+            dq, dk, dv, *rest = backward.run(*args)
+            return (dq, dk + 1, dv, *rest)
+
+    assert harness.verify(OffByOne()).startswith("dk max abs error")
+    assert harness.time(backward).median_ms > 0
+
+
+def test_tune_command_tunes_the_backward(tmp_path, capsys):
+    spec_file = tmp_path / "causal_spec.py"
+    spec_file.write_text(textwrap.dedent("""
+        import attnc
+        spec = attnc.Attention(2, qk_dim=16, v_dim=16, mask_mod=attnc.mods.causal(), name="tuner_causal")
+    """))
+    db_path = tmp_path / "tuning.sqlite"
+    status = tuner.tune_command([str(spec_file), "--target", "cpu", "--lengths", "40", "--batch", "1", "--backward",
+                                 "--max-candidates", "1", "--workers", "0", "--database", str(db_path), "--quiet"])
+    out = capsys.readouterr().out
+    assert status == 0 and "tuning cpu_bwd" in out and "TFLOP/s" in out
+    with TuningDatabase(db_path) as db:
+        assert [e.key.family for e in db.entries()] == ["cpu_bwd"]
+
+
 def test_parse_lengths():
     assert parse_lengths("1k,4k, 2k:8k,100") == [(1024, 1024), (4096, 4096), (2048, 8192), (100, 100)]
     for bad in ("", "0", "1x", "1:2:3", "-4"):
@@ -277,3 +355,19 @@ def test_tuning_a_causal_spec_on_cuda_beats_or_matches_the_default(tmp_path):
         kernel = op.kernel(torch.bfloat16, config).build()
         times[config] = timing.measure(lambda q, k, v, kernel=kernel: kernel(q, k, v, out, lse), sets).median_ms
     assert times[result.best] <= 1.1 * times[result.default]
+
+
+@pytest.mark.gpu
+def test_tuning_a_causal_backward_on_cuda_records_a_checked_config_the_backward_runs(tmp_path):
+    spec = attnc.Attention(16, qk_dim=128, mask_mod=attnc.mods.causal(), name="tuner_gpu_causal_backward")
+    db_path = tmp_path / "t.sqlite"
+    result = tuner.tune(spec, target="cuda", dtype=torch.bfloat16, batch=2, q_len=2048, budget_s=120,
+                        max_candidates=4, database=db_path, progress=False, backward=True)
+    assert result.key.family == "bwd" and result.count("timed") >= 1 and result.tflops > 0
+    assert result.default_ms is not None and result.ms <= result.default_ms
+    op = attnc.compile(spec, target="cuda", tune_options={"database": db_path})
+    assert op.backward_config_for(torch.bfloat16, 2, 2048, 2048) == (result.best, "database")
+    q, k, v, g = (torch.randn(2, 2048, 16, 128, device="cuda").to(torch.bfloat16) for _ in range(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    op(*leaves).backward(g)
+    assert all(t.grad is not None and torch.isfinite(t.grad.float()).all() for t in leaves)
