@@ -143,17 +143,20 @@ class Backward:
                              device)
         return [tile_kind, *(compact_by_kv_tile(tile_kind) if stage == "main" else compact(tile_kind))]
 
+    def _bare(self) -> Backward:
+        """A copy without the kernels rendered here (loaded ones need not pickle), for build jobs."""
+        return dataclasses.replace(self, stages={}, classifiers={})
+
     def build_jobs(self) -> list[Callable[[], BuiltKernel]]:
         """One job per kernel of `kernel_names`, for `attnc.runtime.kernels.build_in_parallel`: each renders its
-        kernel in a copy of this backward without the kernels already rendered here (they need not pickle)."""
-        bare = dataclasses.replace(self, stages={}, classifiers={})
+        kernel in a bare copy of this backward."""
+        bare = self._bare()
         return [functools.partial(bare.kernel, name) for name in self.kernel_names()]
 
     def build_job(self) -> Callable[[], Backward]:
-        """One picklable job that makes this backward afresh; ``job().build()`` builds every kernel (the tuner's
-        build workers run it)."""
-        return functools.partial(Backward, self.ir, self.target, self.dtype, self.grads, self.dq_mode, self.config,
-                                 self.warp_specialized, self.dq_tma_reduce)
+        """One picklable job whose ``job().build()`` builds every kernel of a bare copy (the tuner's build workers
+        run it: one job per candidate config)."""
+        return functools.partial(dataclasses.replace, self._bare())
 
     def build(self) -> Backward:
         """Build (or load) every kernel of `kernel_names`."""

@@ -45,6 +45,12 @@ def outputs(ir, q: torch.Tensor, fill: float | None = None) -> tuple[torch.Tenso
 InputsArg = Mapping[str, torch.Tensor] | Callable[[int, int], Mapping[str, torch.Tensor]] | None
 
 
+def given_tensors(inputs: InputsArg, q_len: int, kv_len: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """``inputs`` (`tuner.tune`'s argument) made for these lengths, on ``device``."""
+    made = inputs(q_len, kv_len) if callable(inputs) else (inputs or {})
+    return {name: t.to(device) for name, t in made.items()}
+
+
 class Harness:
     """The check input and its reference, the timing inputs, and running one kernel on them, for ``op`` (a
     `CompiledAttention`) at these sizes; ``inputs`` as in `tuner.tune`."""
@@ -75,8 +81,7 @@ class Harness:
 
     def given(self, q_len: int, kv_len: int) -> dict[str, torch.Tensor]:
         """The extra tensors the caller gave for these lengths, on the device (without the captured ones)."""
-        made = self.inputs(q_len, kv_len) if callable(self.inputs) else (self.inputs or {})
-        return {name: t.to(self.device) for name, t in made.items()}
+        return given_tensors(self.inputs, q_len, kv_len, self.device)
 
     def verify(self, kernel) -> str | None:
         """None when ``kernel`` agrees with the reference, else what is wrong."""
@@ -145,8 +150,7 @@ class BackwardHarness:
                 self.bounds.append(tolerance(dtype, max(max_abs_error(low[i], want), half_ulp)))
 
     def given(self, q_len: int, kv_len: int) -> dict[str, torch.Tensor]:
-        made = self.inputs(q_len, kv_len) if callable(self.inputs) else (self.inputs or {})
-        return {name: t.to(self.device) for name, t in made.items()}
+        return given_tensors(self.inputs, q_len, kv_len, self.device)
 
     def _tensors(self, given: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {**{n: t.to(self.device) for n, t in self.op.spec.captured_tensors().items()}, **given}
