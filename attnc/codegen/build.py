@@ -85,7 +85,7 @@ def source_path(key: str) -> Path:
     return cache_dir() / "kernels" / f"{key}.py"
 
 
-def _load_factory(key: str, path: Path):
+def _load_module(key: str, path: Path):
     name = f"attnc_kernels.{key}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -94,19 +94,22 @@ def _load_factory(key: str, path: Path):
         spec.loader.exec_module(module)
     finally:
         sys.modules.pop(name, None)
-    return module.build
+    return module
 
 
 def build(key: str, source: str, target: Target, pass_configs: dict | None = None):
-    """Write ``source`` under ``key`` and compile its ``build()`` prim_func for ``target``; a tilelang JITKernel."""
+    """Write ``source`` under ``key`` and compile its ``build()`` prim_func for ``target``; a tilelang JITKernel.
+    A source may add pass configs of its own (``PASS_CONFIGS``, a dict: a kernel that places its own barriers turns
+    tilelang's barrier insertion off); the source text is part of the key, so they are too."""
     if target.kind == "cuda" and cuda_home() is None:
         raise UnsupportedError("building CUDA kernels needs nvcc: set CUDA_HOME to a CUDA toolkit")
     tilelang = _tilelang()
     path = source_path(key)
     write_atomic(path, source)
     try:
-        func = _load_factory(key, path)()
-        return tilelang.compile(func, target=target.tilelang(), pass_configs=pass_configs or {})
+        module = _load_module(key, path)
+        configs = {**(pass_configs or {}), **getattr(module, "PASS_CONFIGS", {})}
+        return tilelang.compile(module.build(), target=target.tilelang(), pass_configs=configs)
     except Exception as error:
         raise BuildError(f"building {key} for {target.label} failed: {type(error).__name__}: "
                          f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}\n"

@@ -10,7 +10,7 @@ import sympy
 import torch
 
 import attnc
-from attnc.codegen import printer, render
+from attnc.codegen import build, printer, render
 from attnc.codegen.build import Target, source_key, source_path
 from attnc.codegen.cache import cache_dir, derive_key, write_atomic
 from attnc.codegen.context import make_context
@@ -129,3 +129,18 @@ def test_unknown_targets_are_refused():
         Target("cuda", "sm_90")
     with pytest.raises(UnsupportedError, match="'cpu' or 'cuda'"):
         Target("tpu")
+
+
+def test_a_source_s_own_pass_configs_reach_tilelang(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    seen = []
+    tilelang = build._tilelang()
+    monkeypatch.setattr(tilelang, "compile", lambda func, target, pass_configs: seen.append(pass_configs))
+    spec = attnc.Attention(2, qk_dim=16)
+    kernel = Kernel.render("cpu_fwd", spec.ir, KernelConfig(16, 32, 1, 1), "float32", Target("cpu"))
+    own = kernel.source + '\nPASS_CONFIGS = {"tl.disable_thread_storage_sync": True}\n'
+    build.build(source_key("own", own, Target("cpu")), own, Target("cpu"), {"tl.enable_fast_math": True})
+    build.build(kernel.key, kernel.source, Target("cpu"), {"tl.enable_fast_math": True})
+    assert seen == [{"tl.enable_fast_math": True, "tl.disable_thread_storage_sync": True},
+                    {"tl.enable_fast_math": True}]
+    assert source_key("own", own, Target("cpu")) != source_key("own", kernel.source, Target("cpu"))
