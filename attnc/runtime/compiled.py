@@ -13,6 +13,7 @@ from attnc.errors import InputError, SpecError, UnsupportedError
 from attnc.runtime import autograd as _autograd  # noqa: F401  (registers the backward of attnc::forward)
 from attnc.runtime import custom_op
 from attnc.runtime.blockmask import BlockMask, check_block_mask, classify, compact
+from attnc.runtime.check import parse_dtype
 from attnc.runtime.kernels import KERNEL_DTYPES, BlockMaskKernel, Kernel
 from attnc.runtime.support import check_supported
 from attnc.runtime.validate import IndexBounds, Shapes, check_extras, check_qkv, check_sinks
@@ -107,16 +108,17 @@ class CompiledAttention:
         request."""
         if dtype not in TARGET_DTYPES[self.target.kind]:
             names = ", ".join(str(d).replace("torch.", "") for d in TARGET_DTYPES[self.target.kind])
-            raise InputError(f"the {self.target.kind} target computes in {names}; got {dtype}")
+            raise InputError(f"dtype: the {self.target.kind} target computes in {names}; got {dtype!r}")
         config = config or self.config(dtype)
         if (dtype, config) not in self._kernels:
             self._kernels[dtype, config] = Kernel.render(self.family, self.ir, config, KERNEL_DTYPES[dtype],
                                                          self.target)
         return self._kernels[dtype, config]
 
-    def build(self, dtype: torch.dtype | None = None) -> CompiledAttention:
-        """Build the kernel for ``dtype`` now (default: the target's first dtype) instead of on first call."""
-        self.kernel(dtype or TARGET_DTYPES[self.target.kind][0]).build()
+    def build(self, dtype: torch.dtype | str | None = None) -> CompiledAttention:
+        """Build the kernel for ``dtype`` (a torch dtype or a name: "bf16", "float16", ...) now (default: the target's
+        first dtype) instead of on first call."""
+        self.kernel(parse_dtype(dtype) if dtype is not None else TARGET_DTYPES[self.target.kind][0]).build()
         return self
 
     def prepare(self, q, k, v, inputs: Mapping[str, torch.Tensor], sinks) -> tuple[Shapes, list[torch.Tensor]]:
@@ -239,7 +241,7 @@ class CompiledAttention:
 
 
 def compile(spec: Attention, *, target: str | Target = "auto", config: KernelConfig | None = None,
-            dtype: torch.dtype | None = None, deterministic: bool = False, tune: bool = False,
+            dtype: torch.dtype | str | None = None, deterministic: bool = False, tune: bool = False,
             tune_shapes: Sequence[tuple[int, int, int]] | None = None,
             tune_options: Mapping | None = None) -> CompiledAttention:
     """Compile ``spec`` into an op.
@@ -248,7 +250,8 @@ def compile(spec: Attention, *, target: str | Target = "auto", config: KernelCon
         spec: the `attnc.Attention` to compile.
         target: ``"auto"`` (default: cuda when a GPU is present, else cpu), ``"cpu"`` or ``"cuda"``.
         config: a `KernelConfig` to use instead of the default heuristic (default: None).
-        dtype: build the kernel for this dtype now rather than on first call (default: None, lazily).
+        dtype: build the kernel for this dtype (a torch dtype or a name: "bf16", "float16", ...) now rather than on
+            first call (default: None, lazily).
         deterministic: the backward computes dQ without atomics, so gradients are the same bits on every run
             (default: False: dQ accumulates with atomics, faster). See `attnc.runtime.autograd`.
         tune: autotune the forward kernel per shape bucket (default: False: tuning database entries are used where
@@ -269,6 +272,7 @@ def compile(spec: Attention, *, target: str | Target = "auto", config: KernelCon
         raise InputError("pass either `config` (a fixed KernelConfig) or `tune=True`, not both")
     if tune_shapes and not tune:
         raise InputError("`tune_shapes` are tuned only with `tune=True`; pass tune=True as well")
+    dtype = parse_dtype(dtype) if dtype is not None else None
     op = CompiledAttention(spec, resolved, config, deterministic, tune=tune, tune_options=tune_options)
     if tune and tune_shapes:
         tuner.tune_ahead(op, tune_shapes, dtype or TARGET_DTYPES[resolved.kind][0])

@@ -111,3 +111,15 @@ def test_a_new_process_reuses_the_disk_cache(tmp_path):
                                   check=True).stdout.split()[-1])
     assert list((tmp_path / "kernels").glob("cpu_fwd_*.py")) and (tmp_path / "tilelang").is_dir()
     assert second < 1.0 < first
+
+
+def test_dtype_is_a_torch_dtype_or_its_name_and_a_wrong_one_is_named():
+    spec = attnc.Attention(2, qk_dim=16)
+    assert attnc.compile(spec, target="cpu", dtype="fp32").kernel(torch.float32).compiled is not None
+    with pytest.raises(attnc.errors.UnsupportedError, match=r"dtype must be one of .*; got 'float64x'"):
+        attnc.compile(spec, target="cpu", dtype="float64x")
+    with pytest.raises(attnc.errors.InputError, match=r"dtype: the cpu target computes in float32; got torch.float64"):
+        attnc.compile(spec, target="cpu", dtype=torch.float64)
+    with pytest.raises(attnc.errors.InputError, match=r"dtype: the cuda target computes in bfloat16, float16; got "
+                                                      r"torch.float32"):
+        attnc.compile(attnc.Attention(2, qk_dim=64), target="cuda").build(torch.float32)
