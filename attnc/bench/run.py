@@ -22,7 +22,6 @@ import torch
 from attnc.bench import report
 from attnc.bench.cases import Case, backward_cases, forward_cases
 from attnc.bench.peers import PEERS, NotApplicable
-from attnc.schedules.heuristics import backward_config
 from attnc.schedules.timing import attention_flops, buffer_count, measure, tflops, unmasked_elements
 
 
@@ -67,7 +66,8 @@ def _prebuild(cases: list[Case], dtype: torch.dtype, backward: bool, default_too
             learned = {id(t) for t in case.learned(device)}
             captured = op.spec.captured_tensors()
             grads = tuple(t.name for t in op.ir.inputs if id(captured.get(t.name)) in learned)
-            jobs += autograd.backward_for(op, dtype, grads).build_jobs()
+            config = op.backward_config_for(dtype, case.batch, case.seq, case.seq)[0]  # what the timed calls run
+            jobs += autograd.backward_for(op, dtype, grads, config=config).build_jobs()
         build_in_parallel(jobs, workers)
 
 
@@ -160,8 +160,8 @@ def run(cases: list[Case], peers: list[str], *, backward: bool = False, dtype: t
                 row.update(ms=timing.median_ms, min_ms=timing.min_ms, peak_mib=peak_mib, setup_ms=setup_ms,
                            tflops=tflops(flops, timing.median_ms))
                 if hasattr(forward, "op") and backward:
-                    row["config"] = backward_config(forward.op.target.arch, forward.op.ir).short()
-                    row["config_source"] = "backward heuristic"
+                    config, source = forward.op.backward_config_for(dtype, case.batch, case.seq, case.seq)
+                    row["config"], row["config_source"] = config.short(), f"backward {source}"
                 elif hasattr(forward, "op"):
                     config, row["config_source"] = forward.op.config_for(dtype, case.batch, case.seq, case.seq)
                     row["config"] = config.short()
