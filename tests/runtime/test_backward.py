@@ -364,6 +364,15 @@ def head_dim_spec(qk_dim, v_dim):
                            score_mod=mods.alibi(mods.alibi_slopes(8)))
 
 
+# Wide head dims without a tensor gradient: the sm_90a main kernel places its own barriers there (P and dS through
+# shared memory, Square warp policy), which the learned ALiBi slopes of head_dim_spec turn off.
+WIDE_HEAD_DIMS = [(256, 256), (192, 128)]
+
+
+def wide_spec(qk_dim, v_dim):
+    return attnc.Attention(8, 8, qk_dim=qk_dim, v_dim=v_dim, mask_mod=mods.causal(), sinks=True)
+
+
 ATOMIC_SPEC = attnc.Attention(8, 2, qk_dim=128, mask_mod=mods.causal())
 
 
@@ -372,6 +381,7 @@ def gpu_ops():
     """Every op the GPU tests run, with its forward and backward kernels built in parallel first (16 cores on the
     GPU machine): serial builds took most of the GPU session."""
     ops = {("dims", dims): attnc.compile(head_dim_spec(*dims), target="cuda") for dims in GPU_HEAD_DIMS}
+    ops.update({("wide", dims): attnc.compile(wide_spec(*dims), target="cuda") for dims in WIDE_HEAD_DIMS})
     ops.update({("variant", name): attnc.compile(SPECS[name][0](64, 64), target="cuda") for name in SPECS})
     ops["fast"] = attnc.compile(ATOMIC_SPEC, target="cuda")
     ops["exact"] = attnc.compile(ATOMIC_SPEC, target="cuda", deterministic=True)
@@ -395,6 +405,16 @@ def gpu_ops():
 @pytest.mark.parametrize("q_len, kv_len", [(1, 1), (129, 129), (17, 300), (300, 17)])
 def test_gpu_head_dims(gpu_ops, dtype, dims, q_len, kv_len):
     check_cuda(gpu_ops[("dims", dims)], q_len, kv_len, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("dims", WIDE_HEAD_DIMS)
+@pytest.mark.parametrize("q_len, kv_len", [(129, 129), (17, 300), (300, 17)])
+def test_gpu_wide_head_dims_with_the_kernel_s_own_barriers(gpu_ops, dtype, dims, q_len, kv_len):
+    op = gpu_ops[("wide", dims)]
+    assert "PASS_CONFIGS" in backward_for(op, dtype, ()).stage("main").source
+    check_cuda(op, q_len, kv_len, dtype)
 
 
 @pytest.mark.gpu
