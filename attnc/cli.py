@@ -200,6 +200,8 @@ def cmd_show(args) -> int:
     op = attnc.compile(loaded.spec, target=target)
     q_len = args.q_len
     kv_len = args.kv_len or q_len
+    if args.backward:
+        return _show_backward(op, loaded, args.batch, q_len, kv_len, dtype)
     if target.kind == "cuda" and not torch.cuda.is_available():  # no GPU to key the tuning database by
         config, source = op.config(dtype), "heuristic"
     else:
@@ -219,6 +221,44 @@ def cmd_show(args) -> int:
     _print(f"\n== TileLang source ==\n{kernel.source.rstrip()}")
     if target.kind == "cuda":
         _print(f"\n== CUDA source ({target.arch}) ==\n{kernel.device_source().rstrip()}")
+    return 0
+
+
+def _show_backward(op, loaded: SpecFile, batch: int, q_len: int, kv_len: int, dtype) -> int:
+    """`show --backward`: the backward that a training step of these sizes runs (gradients of every float input the
+    score_mod reads), its kv-side tile map (per kv tile, the q tiles visited) and its main kernel's source."""
+    import torch
+
+    from attnc.dsl.derivative import backward_tiles, read_gradients
+    from attnc.runtime.autograd import backward_for
+    from attnc.runtime.check import dtype_label
+
+    ir = op.ir
+    if op.target.kind == "cuda" and not torch.cuda.is_available():  # no GPU to key the tuning database by
+        config, source = None, "heuristic"
+    else:
+        config, source = op.backward_config_for(dtype, batch, q_len, kv_len)
+    differentiable = {g.name for g in read_gradients(ir)}
+    grads = tuple(t.name for t in ir.inputs if t.name in differentiable)
+    backward = backward_for(op, dtype, grads, config=config)
+    main = backward.stage("main")
+    wrt = ", ".join(["q", "k", "v", *(["sinks"] if ir.sinks else []), *grads])
+    _print(f"== spec ({loaded.path}) ==")
+    _print(ir.describe())
+    _print(f"\n== backward ==\n{main.key}\n  family {backward.family}, target {op.target.label}, dtype "
+           f"{dtype_label(dtype)}, config {backward.config.short()} ({source}, for batch {batch}, q_len {q_len}, "
+           f"kv_len {kv_len}){f', dQ mode {backward.dq_mode}' if op.target.kind == 'cuda' else ''}\n  kernels: {', '.join(backward.kernel_names())}\n"
+           f"  gradients of: {wrt}\n  source file {main.source_path}")
+    tiles = backward_tiles(ir.mask, backward.config.block_m, backward.config.block_n)
+    _print(f"\n== backward tile map ==\n  q tiles of {tiles.block_m} rows, kv tiles of {tiles.block_n}; one row per "
+           f"kv tile, one column per q tile; q_len {q_len}, kv_len {kv_len} (█ full, ░ partial, · skipped):")
+    for row in tiles.grid(q_len, kv_len):
+        _print("    " + row)
+    if backward.block_mask is not None:
+        _print("  the mask reads a tensor: the main kernel visits the q tiles a block mask computed at run time lists")
+    _print(f"\n== TileLang source (backward main) ==\n{main.source.rstrip()}")
+    if op.target.kind == "cuda":
+        _print(f"\n== CUDA source ({op.target.arch}, backward main) ==\n{main.device_source().rstrip()}")
     return 0
 
 
@@ -322,6 +362,9 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--q-len", type=_positive, default=128,
                       help="q_len of the call shown and of the tile grid printed (default 128)")
     show.add_argument("--kv-len", type=_positive, default=None, help="kv_len (default: q_len)")
+    show.add_argument("--backward", action="store_true",
+                      help="show the backward instead: its config, its kv-side tile map (per kv tile, the q tiles "
+                           "visited) and its main kernel's source")
     show.set_defaults(handler=cmd_show)
 
     run = commands.add_parser("run", help="build a spec, run it on random inputs, compare with the reference",

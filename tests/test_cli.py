@@ -65,6 +65,27 @@ def test_show_prints_the_block_mask_of_a_mask_that_reads_a_tensor(capsys):
     assert "KvList[0, 0, q_tile, t]" in out
 
 
+def test_show_backward_prints_its_config_kv_side_tile_map_and_source(capsys):
+    assert cli.main(["show", str(SPECS / "prefix_lm.py"), "--target", "cpu", "--q-len", "100", "--backward"]) == 0
+    out = capsys.readouterr().out
+    assert "mask  = (kv_idx < 32) | (kv_idx <= kv_len + q_idx - q_len)" in out
+    assert "cpu_bwd_main_float32_d64_cpu_" in out and "gradients of: q, k, v\n" in out and "dQ mode" not in out
+    grid = out.split("(█ full, ░ partial, · skipped):\n")[1].split("\n\n")[0].splitlines()
+    # one row per kv tile of 32, one column per q tile of 16: the prefix's kv tile is full for every q row, the
+    # others start at the diagonal
+    assert [row.strip() for row in grid] == ["███████", "··░░███", "····░░█", "······░"]
+    assert "== TileLang source (backward main) ==" in out and "@T.prim_func" in out
+
+
+def test_show_backward_of_a_learned_bias_on_cuda(capsys):
+    needs_cuda_build()
+    assert cli.main(["show", str(SPECS / "relative_bias.py"), "--target", "cuda", "--backward"]) == 0
+    out = capsys.readouterr().out
+    assert "bwd_main_bfloat16_d64_sm90a_" in out and "gradients of: q, k, v, table" in out
+    assert "dQ mode atomic" in out and "kernels: pre, main, post" in out
+    assert "__global__" in out.split("== CUDA source (sm_90a, backward main) ==")[1]
+
+
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
 def test_show_cuda_lowers_for_the_arch_without_a_gpu(capsys, arch):
     needs_cuda_build()
