@@ -245,9 +245,10 @@ def _show_backward(op, loaded: SpecFile, batch: int, q_len: int, kv_len: int, dt
     wrt = ", ".join(["q", "k", "v", *(["sinks"] if ir.sinks else []), *grads])
     _print(f"== spec ({loaded.path}) ==")
     _print(ir.describe())
+    dq_mode = f", dQ mode {backward.dq_mode}" if op.target.kind == "cuda" else ""
     _print(f"\n== backward ==\n{main.key}\n  family {backward.family}, target {op.target.label}, dtype "
            f"{dtype_label(dtype)}, config {backward.config.short()} ({source}, for batch {batch}, q_len {q_len}, "
-           f"kv_len {kv_len}){f', dQ mode {backward.dq_mode}' if op.target.kind == 'cuda' else ''}\n  kernels: {', '.join(backward.kernel_names())}\n"
+           f"kv_len {kv_len}){dq_mode}\n  kernels: {', '.join(backward.kernel_names())}\n"
            f"  gradients of: {wrt}\n  source file {main.source_path}")
     tiles = backward_tiles(ir.mask, backward.config.block_m, backward.config.block_n)
     _print(f"\n== backward tile map ==\n  q tiles of {tiles.block_m} rows, kv tiles of {tiles.block_n}; one row per "
