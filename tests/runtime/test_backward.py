@@ -290,6 +290,20 @@ def test_sm90a_main_kernel_syncs_its_consumers_once_a_tile_and_keeps_lse_in_log2
     assert "PASS_CONFIGS" not in wide.source
 
 
+def test_sm90a_main_kernel_tests_the_mask_only_on_partial_tiles():
+    """As the forward: P of every element first, the causal predicate only on the diagonal (and a ragged last kv)
+    tiles, whose test reads the tile map's bounds from registers (inlined, they were re-evaluated per element)."""
+    source = cuda_backward("sm_90a", "atomic", dims=(128, 128), features=False).stage("main").source
+    consumer = source[source.index("T.barrier_wait(kv_ready, 0)"):]
+    every, partial = consumer.split("if T.Or(T.Or(q_tile < full_lo, q_tile >= full_hi), kv_tile * 128 + 128 > kv_len):")
+    assert "T.exp2(" in every and "kv_idx <=" not in every and "kv_len" not in every
+    assert "kv_idx <= (q_idx" in partial.split("pT_cast[j, i]")[0]
+    assert 'full_lo = T.alloc_var("int32")' in source
+    fused = cuda_backward("sm_90a", "atomic", dims=(128, 128)).stage("main").source  # ALiBi, relative bias grads
+    assert fused.count("if T.Or(T.Or(q_tile < full_lo, q_tile >= full_hi), kv_tile * 128 + 128 > kv_len):") == 1
+    assert fused.count("kv_idx <= (q_idx") == 1  # in the partial tiles' loop only
+
+
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 def test_gqa_dk_dv_partials_are_summed_over_each_group(layout):
     spec = attnc.Attention(8, 2, qk_dim=16, layout=layout, mask_mod=mods.causal())
