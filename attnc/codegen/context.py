@@ -8,6 +8,7 @@ render (jinja2's StrictUndefined), never renders empty.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import sympy
@@ -239,6 +240,7 @@ class GradTerm:
     target: str
     derivative: str
     per_element: bool = True  # the read's index depends on q_idx or kv_idx (else: one address per (b, h))
+    diagonal: str = ""  # additive read indexed by q_idx - kv_idx only: the target at ``diag`` = q_idx - kv_idx
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,20 @@ class BackwardContext:
     q_end: str
     full_begin: str
     full_end: str
+
+
+DIAGONAL = sympy.Symbol("diag", integer=True)
+
+
+def diagonal_target(read: sympy.Indexed, tensors: Mapping[str, str], name: str) -> str:
+    """The gradient target of ``read`` printed in ``diag`` = q_idx - kv_idx, when its indices depend on q_idx and
+    kv_idx through that difference only (a relative-position table): the kernel then sums dS along each diagonal
+    of a tile (when the read is added to the score). "" otherwise."""
+    indices = [i.subs(symbols.q_idx, symbols.kv_idx + DIAGONAL) for i in read.indices]
+    if not any(i.has(DIAGONAL) for i in indices) or any(i.has(symbols.kv_idx) for i in indices):
+        return ""
+    return print_expr(read.base[tuple(indices)], {**KERNEL_NAMES, DIAGONAL: "diag"},
+                      {**tensors, name: f"grad_{name}"})
 
 
 def dkv_mode(ir: AttentionIR, dq_mode: str) -> str:
@@ -303,12 +319,14 @@ def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: Ker
     for name in grads:
         source = inputs[name]
         buffers.append(InputBuffer(name, f"grad_{name}", "float32", source.ndim))
+    d_score = score_derivative(ir)
     for term in read_gradients(ir, set(grads)):
         target = print_expr(term.read, KERNEL_NAMES, {**tensors, term.name: f"grad_{term.name}"})
         varies = any(i.has(symbols.q_idx, symbols.kv_idx) for i in term.read.indices)
-        terms.append(GradTerm(target, text(term.derivative), varies))
+        additive = term.derivative == 1 and d_score == 1  # its gradient is dS, which the kernel keeps
+        diagonal = diagonal_target(term.read, tensors, term.name) if additive else ""
+        terms.append(GradTerm(target, text(term.derivative), varies, diagonal))
     tiles = backward_tiles(ir.mask, config.block_m, config.block_n)
-    d_score = score_derivative(ir)
     bwd = BackwardContext(
         stage=stage,
         dq_mode=dq_mode,

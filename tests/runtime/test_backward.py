@@ -304,6 +304,28 @@ def test_sm90a_main_kernel_tests_the_mask_only_on_partial_tiles():
     assert fused.count("kv_idx <= (q_idx") == 1  # in the partial tiles' loop only
 
 
+def test_sm90a_main_kernel_sums_a_relative_bias_gradient_per_diagonal():
+    """One fp32 atomic per score element into the table ran the relative-bias backward at 116 TFLOP/s on the H200
+    (per-diagonal sums by shared-memory atomics in the element loop: 89). After the consumers' barrier, each thread
+    sums one diagonal of the tile's dS from shared memory and adds it to the table with one atomic."""
+    spec = attnc.Attention(8, 2, qk_dim=128, mask_mod=mods.causal(), score_mod=mods.relative_bias(torch.randn(8, 1023)))
+    target = Target("cuda", "sm_90a")
+    backward = Backward(spec.ir, target, "bfloat16", ("table",), "atomic", backward_config("sm_90a", spec.ir))
+    main = backward.stage("main").device_source()
+    loop = main[main.index("kv_ready[0].wait(0);"):main.index("dq_full[0].arrive();")]  # one consumer tile
+    assert loop.count("AtomicAdd((&(grad_table[") == 1 and "AtomicAdd((&(((float*)" not in loop
+    sums = loop[loop.index("__sync_thread_partial(1, 256)"):loop.index("AtomicAdd((&(grad_table[")]
+    assert "dsT_shared)[" in sums and "g0_diagonal[0] = (g0_diagonal[0] + " in sums
+    reduced = cuda_backward("sm_90a", "atomic", dims=(128, 128)).stage("main").source  # with ALiBi: tilelang's barriers
+    assert "_diagonal" not in reduced and "T.atomic_add(grad_table[h, " in reduced
+    relative, softcap = mods.relative_bias(torch.randn(8, 1023)), mods.softcap(20.0)
+    capped = attnc.Attention(8, 2, qk_dim=128, mask_mod=mods.causal(),
+                             score_mod=lambda s, b, h, q, k: softcap(relative(s, b, h, q, k), b, h, q, k))
+    source = Backward(capped.ir, target, "bfloat16", ("table",), "atomic",
+                      backward_config("sm_90a", capped.ir)).stage("main").source
+    assert "_diagonal" not in source and "T.atomic_add(grad_table[h, " in source  # its gradient is not dS
+
+
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 def test_gqa_dk_dv_partials_are_summed_over_each_group(layout):
     spec = attnc.Attention(8, 2, qk_dim=16, layout=layout, mask_mod=mods.causal())
@@ -391,6 +413,15 @@ def wide_spec(qk_dim, v_dim):
 
 ATOMIC_SPEC = attnc.Attention(8, 2, qk_dim=128, mask_mod=mods.causal())
 
+# The relative bias alone: its table's gradient summed per diagonal (head dim 128: warps split the kv rows; 256: both
+# dimensions, dS through shared memory).
+RELATIVE_HEAD_DIMS = [(128, 128), (256, 256)]
+
+
+def relative_spec(qk_dim, v_dim):
+    return attnc.Attention(8, 2, qk_dim=qk_dim, v_dim=v_dim, mask_mod=mods.causal(),
+                           score_mod=mods.relative_bias(torch.randn(8, 1023) * 0.5))
+
 
 @pytest.fixture(scope="module")
 def gpu_ops():
@@ -398,6 +429,7 @@ def gpu_ops():
     GPU machine): serial builds took most of the GPU session."""
     ops = {("dims", dims): attnc.compile(head_dim_spec(*dims), target="cuda") for dims in GPU_HEAD_DIMS}
     ops.update({("wide", dims): attnc.compile(wide_spec(*dims), target="cuda") for dims in WIDE_HEAD_DIMS})
+    ops.update({("relative", dims): attnc.compile(relative_spec(*dims), target="cuda") for dims in RELATIVE_HEAD_DIMS})
     ops.update({("variant", name): attnc.compile(SPECS[name][0](64, 64), target="cuda") for name in SPECS})
     ops["fast"] = attnc.compile(ATOMIC_SPEC, target="cuda")
     ops["exact"] = attnc.compile(ATOMIC_SPEC, target="cuda", deterministic=True)
@@ -430,6 +462,16 @@ def test_gpu_head_dims(gpu_ops, dtype, dims, q_len, kv_len):
 def test_gpu_wide_head_dims_without_tensor_gradients(gpu_ops, dtype, dims, q_len, kv_len):
     op = gpu_ops[("wide", dims)]
     assert "PASS_CONFIGS" in backward_for(op, dtype, ()).stage("main").source  # the kernel's own barriers
+    check_cuda(op, q_len, kv_len, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("dims", RELATIVE_HEAD_DIMS)
+@pytest.mark.parametrize("q_len, kv_len", [(129, 129), (17, 300), (300, 17)])
+def test_gpu_relative_bias_gradient_summed_per_diagonal(gpu_ops, dtype, dims, q_len, kv_len):
+    op = gpu_ops[("relative", dims)]
+    assert "_diagonal[z]" in backward_for(op, dtype, ("table",)).stage("main").source
     check_cuda(op, q_len, kv_len, dtype)
 
 
