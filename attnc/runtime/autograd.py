@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,7 +47,7 @@ from attnc.dsl.derivative import read_gradients
 from attnc.dsl.ir import AttentionIR
 from attnc.errors import UnsupportedError
 from attnc.runtime import custom_op
-from attnc.runtime.blockmask import classify, compact, compact_by_kv_tile
+from attnc.runtime.blockmask import FORWARD_TENSORS, classify, compact, compact_by_kv_tile
 from attnc.runtime.kernels import KERNEL_DTYPES, BlockMaskKernel, BuiltKernel
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.heuristics import backward_config
@@ -164,8 +165,10 @@ class Backward:
             self.kernel(name).build()
         return self
 
-    def run(self, q, k, v, extras, out, lse, dout, dlse):
-        """Gradients ``(dq, dk, dv, {name: grad} for self.grads, dsinks or None)``, grads of inputs in float32."""
+    def run(self, q, k, v, extras, out, lse, dout, dlse, block_lists=()):
+        """Gradients ``(dq, dk, dv, {name: grad} for self.grads, dsinks or None)``, grads of inputs in float32.
+        ``block_lists``: the tensors of each `mask_stages` stage made ahead (a `BlockMask`'s ``backward_lists``),
+        else computed here."""
         ir = self.ir
         bshd = ir.layout == "bshd"
         batch, q_len, kv_len = q.shape[0], q.shape[1 if bshd else 2], k.shape[1 if bshd else 2]
@@ -178,7 +181,14 @@ class Backward:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), grads, dsinks
         dlse = torch.zeros_like(lse) if dlse is None else dlse.to(torch.float32).contiguous()
         delta = torch.empty((batch, ir.q_heads, q_len), **f32)
-        main_mask = self.block_mask_tensors("main", inputs, batch, q_len, kv_len, q.device)
+        per_stage = len(block_lists) // max(len(self.mask_stages()), 1)  # tile kinds, counts, lists
+        made = {stage: list(block_lists[i * per_stage:(i + 1) * per_stage])
+                for i, stage in enumerate(self.mask_stages()) if block_lists}
+
+        def stage_mask(stage):
+            return made[stage] if stage in made else self.block_mask_tensors(stage, inputs, batch, q_len, kv_len,
+                                                                              q.device)
+        main_mask = stage_mask("main")
         if self.target.kind == "cpu":
             dk, dv = torch.empty_like(k), torch.empty_like(v)
             dq = torch.empty(q.shape, **f32)
@@ -201,7 +211,7 @@ class Backward:
         else:
             self.stage("main")(q, k, v, *extras, *main_mask, lse, dout, delta, dk_out, dv_out, *grads.values())
             dq = torch.empty_like(q)
-            dq_mask = self.block_mask_tensors("dq", inputs, batch, q_len, kv_len, q.device)
+            dq_mask = stage_mask("dq")
             self.stage("dq")(q, k, v, *extras, *dq_mask, lse, dout, delta, dq)
         return dq, self._finish_dkv(dk_out, k), self._finish_dkv(dv_out, v), grads, dsinks
 
@@ -263,7 +273,8 @@ def _differentiable_inputs(ir: AttentionIR) -> set[str]:
 @torch.library.custom_op("attnc::backward", mutates_args=())
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
              dout: torch.Tensor, dlse: torch.Tensor | None, extras: list[torch.Tensor], op_id: str,
-             wanted: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+             wanted: list[int], block_lists: list[torch.Tensor], block_config: str
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     op = custom_op._OPS[op_id]
     ir = op.ir
     names = [t.name for t in ir.inputs]
@@ -272,9 +283,13 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
         grads = tuple(n for n in names if n in differentiable)
     else:  # cuda: only the gradients asked for, each costs atomics
         grads = tuple(names[i] for i in wanted if i < len(names) and names[i] in differentiable)
-    config, _ = op.backward_config_for(q.dtype, q.shape[0], lse.shape[-1], k.shape[1 if ir.layout == "bshd" else 2])
+    if block_lists:  # a block mask made ahead: the backward runs with the config its lists were made for
+        config = KernelConfig(**json.loads(block_config)["backward"])
+    else:
+        config, _ = op.backward_config_for(q.dtype, q.shape[0], lse.shape[-1],
+                                           k.shape[1 if ir.layout == "bshd" else 2])
     dq, dk, dv, dinputs, dsinks = backward_for(op, q.dtype, grads, config=config).run(
-        q, k, v, list(extras), out, lse, dout.contiguous(), dlse)
+        q, k, v, list(extras), out, lse, dout.contiguous(), dlse, list(block_lists))
     result = []
     for i in wanted:
         if i == len(names):
@@ -287,27 +302,30 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
 
 
 @backward.register_fake
-def _(q, k, v, out, lse, dout, dlse, extras, op_id, wanted):
+def _(q, k, v, out, lse, dout, dlse, extras, op_id, wanted, block_lists, block_config):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), [torch.empty_like(extras[i]) for i in wanted]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, extras, op_id, block_mask, _ = inputs  # the block mask only steers the forward: no gradient
+    q, k, v, extras, op_id, block_mask, block_config = inputs  # no gradient flows to the block mask
     out, lse = output
     ctx.op_id = op_id
     ctx.n_extras = len(extras)
     ctx.n_block_mask = len(block_mask)
-    ctx.save_for_backward(q, k, v, out, lse, *extras)
+    ctx.block_config = block_config
+    ctx.save_for_backward(q, k, v, out, lse, *extras, *block_mask[FORWARD_TENSORS:])
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, *extras = ctx.saved_tensors
+    q, k, v, out, lse, *rest = ctx.saved_tensors
+    extras, block_lists = rest[:ctx.n_extras], rest[ctx.n_extras:]
     needs = ctx.needs_input_grad[3]
     needs = needs if isinstance(needs, (list, tuple)) else [needs] * ctx.n_extras
     wanted = [i for i, (e, n) in enumerate(zip(extras, needs)) if n and e.is_floating_point()]
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv, dextras = backward(q, k, v, out, lse, dout, dlse, extras, ctx.op_id, wanted)
+    dq, dk, dv, dextras = backward(q, k, v, out, lse, dout, dlse, extras, ctx.op_id, wanted, block_lists,
+                                   ctx.block_config)
     grads: list[torch.Tensor | None] = [None] * ctx.n_extras
     for i, g in zip(wanted, dextras):
         grads[i] = g

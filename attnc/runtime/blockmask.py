@@ -23,6 +23,7 @@ from attnc.schedules.config import KernelConfig
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 GRID_LIMIT = 65535  # CUDA grid y / z extents: q tiles, and batch × heads planes of the classifier
+FORWARD_TENSORS = 3  # a block mask's tensors the forward kernel takes; the backward's lists follow them
 _GLYPHS = {EMPTY: "·", PARTIAL: "░", FULL: "█"}
 _PRINTED_TILES = 48  # a larger grid prints downsampled, one glyph per group of tiles
 
@@ -36,7 +37,13 @@ class BlockMask:
     planes_h, q tiles) int32; ``kv_list``: like ``tile_kind``, int32, the first ``kv_count`` entries of each row
     listed. ``planes_b`` is the batch (1 when the mask does not read ``b``), ``planes_h`` the q heads (1 when it does
     not read ``h``). ``config``: the kernel config the forward runs with this mask (its tile sizes); ``config_json``
-    the same as the custom op carries it (made once: a traced call runs no json.dumps).
+    the same as the custom op carries it (made once: a traced call runs no json.dumps), with the backward's config
+    under "backward" when the mask has one.
+
+    ``backward_config`` and ``backward_lists``: made by ``op.block_mask``, the config the backward of a call with this
+    mask runs with and, per stage of it that takes a block mask (`Backward.mask_stages`), the tile kinds at its tiles
+    and its lists (the main stage: per kv tile, the q tiles), so that the backward reuses them as FlexAttention's
+    does instead of classifying the mask again. A mask made per call has neither (its backward classifies).
     """
 
     spec_key: str
@@ -49,14 +56,17 @@ class BlockMask:
     tile_kind: torch.Tensor
     kv_count: torch.Tensor
     kv_list: torch.Tensor
+    backward_config: KernelConfig | None = None
+    backward_lists: tuple[torch.Tensor, ...] = ()
 
     @property
     def tiles(self) -> tuple[int, int]:
         return self.config.block_m, self.config.block_n
 
     def tensors(self) -> list[torch.Tensor]:
-        """What the forward kernel takes after the extras: tile kinds, kv tile counts, kv tile lists."""
-        return [self.tile_kind, self.kv_count, self.kv_list]
+        """What the custom op carries: the forward kernel's tile kinds, kv tile counts and kv tile lists (the first
+        `FORWARD_TENSORS`), then the backward's `backward_lists`."""
+        return [self.tile_kind, self.kv_count, self.kv_list, *self.backward_lists]
 
     def grid(self, batch: int = 0, head: int = 0) -> list[str]:
         """One row per q tile of plane (``batch``, ``head``): '█' full, '░' partial, '·' empty; downsampled (a glyph
@@ -86,7 +96,9 @@ class BlockMask:
             f"BlockMask(q_len={self.q_len}, kv_len={self.kv_len}, batch={self.batch}, tiles={self.tiles[0]}x"
             f"{self.tiles[1]}, shape={tuple(self.tile_kind.shape)}, target={self.target}, "
             f"config={self.config.short()})",
-            f"  {listed} of {total} tiles visited ({full} full), sparsity {100.0 * (1 - listed / max(total, 1)):.1f}%",
+            f"  {listed} of {total} tiles visited ({full} full), sparsity {100.0 * (1 - listed / max(total, 1)):.1f}%"
+            + (f"; with the backward's lists at its config {self.backward_config.short()}" if self.backward_config
+               else ""),
             f"  plane (0, 0) (█ full, ░ partial, · empty{scale}):",
         ]
         lines += ["    " + row for row in self.grid()]

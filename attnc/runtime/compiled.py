@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Mapping, Sequence
 
 import torch
@@ -10,9 +12,9 @@ from attnc.codegen.build import Target
 from attnc.dsl.blockmask import block_mask_layout
 from attnc.dsl.spec import Attention
 from attnc.errors import InputError, SpecError, UnsupportedError
-from attnc.runtime import autograd as _autograd  # noqa: F401  (registers the backward of attnc::forward)
+from attnc.runtime import autograd as _autograd  # also registers the backward of attnc::forward
 from attnc.runtime import custom_op
-from attnc.runtime.blockmask import BlockMask, check_block_mask, classify, compact
+from attnc.runtime.blockmask import FORWARD_TENSORS, BlockMask, check_block_mask, classify, compact
 from attnc.runtime.check import parse_dtype
 from attnc.runtime.kernels import KERNEL_DTYPES, BlockMaskKernel, Kernel
 from attnc.runtime.support import check_supported
@@ -50,7 +52,8 @@ class CompiledAttention:
     else from the default heuristic (`config_for`); an explicit ``config`` overrides both.
 
     A mask that reads a tensor (``block_mask_layout`` is not None) runs with a block mask computed per call from
-    the lengths and the tensors' values, or made once with `block_mask` and passed as ``block_mask=``.
+    the lengths and the tensors' values, or made once with `block_mask` and passed as ``block_mask=`` (the backward
+    of such a call reuses its lists too).
     """
 
     def __init__(self, spec: Attention, target: Target, config: KernelConfig | None = None,
@@ -145,7 +148,8 @@ class CompiledAttention:
         return (out, lse) if return_lse else out
 
     def block_mask(self, q_len: int, kv_len: int | None = None, *, batch: int = 1, dtype: torch.dtype | None = None,
-                   device: torch.device | str | None = None, **inputs: torch.Tensor) -> BlockMask:
+                   device: torch.device | str | None = None, backward: bool = True,
+                   **inputs: torch.Tensor) -> BlockMask:
         """The block mask of calls at these sizes, made now to pass as ``op(q, k, v, block_mask=bm, **inputs)``.
 
         Args:
@@ -153,6 +157,9 @@ class CompiledAttention:
             batch: the call's batch size (default 1); with a mask that reads ``b``, the mask serves only it.
             dtype: the call's dtype (default: the target's first), which with the sizes picks the kernel config.
             device: where the mask tensors live (default: the current cuda device, or the cpu).
+            backward: also make the backward's lists, at the backward's config for these sizes, which the backward
+                of a call with this mask then reuses (default True; False for inference saves building the
+                backward's classifier kernel, and a backward then classifies per call).
             inputs: the tensors the mask reads, by name (default: the ones the mods captured). The block mask
                 holds for these values only.
         """
@@ -160,6 +167,8 @@ class CompiledAttention:
             raise InputError("this op's mask reads no tensor: the compile-time tile map decides its tiles, and it "
                              "takes no block mask")
         kv_len = q_len if kv_len is None else kv_len
+        if not isinstance(backward, bool):
+            raise InputError(f"block_mask `backward` must be True or False; got {backward!r}")
         for name, value in (("q_len", q_len), ("kv_len", kv_len), ("batch", batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InputError(f"block_mask `{name}` must be a non-negative int; got {value!r}")
@@ -175,7 +184,16 @@ class CompiledAttention:
         named = {t.name: e for t, e in zip(self.ir.inputs, extras)}
         self._bounds.check(Shapes(batch, q_len, kv_len), named)
         config, _ = self.config_for(dtype, batch, q_len, kv_len, named)
-        return self._make_block_mask(config, batch, q_len, kv_len, extras, device)
+        mask = self._make_block_mask(config, batch, q_len, kv_len, extras, device)
+        if not backward:
+            return mask
+        backward_config, _ = self.backward_config_for(dtype, batch, q_len, kv_len)
+        stages = _autograd.backward_for(self, dtype, (), config=backward_config)
+        lists = [t for stage in stages.mask_stages()
+                 for t in stages.block_mask_tensors(stage, extras, batch, q_len, kv_len, device)]
+        config_json = json.dumps({**json.loads(mask.config_json), "backward": json.loads(backward_config.to_json())})
+        return dataclasses.replace(mask, config_json=config_json, backward_config=backward_config,
+                                   backward_lists=tuple(lists))
 
     def _make_block_mask(self, config: KernelConfig, batch: int, q_len: int, kv_len: int,
                          inputs: list[torch.Tensor], device: torch.device) -> BlockMask:
@@ -221,7 +239,7 @@ class CompiledAttention:
             config, _ = self.config_for(q.dtype, batch, q_len, kv_len,
                                         {t.name: e for t, e in zip(ir.inputs, extras)})
             block_mask = self.block_mask_tensors(config, q, k, extras)
-        self.kernel(q.dtype, config)(q, k, v, *extras, *block_mask, out, lse)
+        self.kernel(q.dtype, config)(q, k, v, *extras, *block_mask[:FORWARD_TENSORS], out, lse)
         return out, lse
 
     def __repr__(self) -> str:

@@ -163,6 +163,38 @@ def test_the_backward_visits_only_the_listed_tiles(monkeypatch):
     assert out.abs().sum() > 0 and all((t.grad == 0).all() for t in (q, k, v))
 
 
+@pytest.mark.parametrize("name", ["document_causal", "declared_rows_masked_alibi"])
+def test_the_backward_reuses_the_lists_of_a_block_mask_made_ahead(monkeypatch, name):
+    """As FlexAttention's: a block mask made by op.block_mask holds the backward's kv-side lists, and the backward
+    of a call with it classifies nothing; its gradients are those of a call that classifies per call."""
+    op, inputs = op_for(name), mask_inputs(name, seed=5)
+    made = op.block_mask(70, 45, batch=2, **inputs)
+    backward = backward_for(op, torch.float32, (), config=made.backward_config)
+    assert made.backward_config == op.backward_config_for(torch.float32, 2, 70, 45)[0]
+    extras = [inputs.get(t.name, op.spec.captured_tensors().get(t.name)) for t in op.ir.inputs]
+    want = backward.block_mask_tensors("main", extras, 2, 70, 45, torch.device("cpu"))
+    assert len(made.backward_lists) == 3 and all(torch.equal(a, b) for a, b in zip(made.backward_lists, want))
+    assert f"with the backward's lists at its config {made.backward_config.short()}" in str(made)
+    classified = []
+    real = autograd.classify
+    monkeypatch.setattr(autograd, "classify", lambda *args: classified.append(args[0]) or real(*args))
+    q, k, v = (t.float() for t in draw(op.ir, 2, 70, 45))
+    grads = []
+    for block_mask in (made, None):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        op(*leaves, block_mask=block_mask, **inputs).square().sum().backward()
+        grads.append([t.grad for t in leaves])
+        assert len(classified) == (0 if block_mask is not None else 1)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    inference = op.block_mask(70, 45, batch=2, backward=False, **inputs)  # no backward lists: it classifies
+    assert inference.backward_config is None and len(inference.tensors()) == 3
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    op(*leaves, block_mask=inference, **inputs).square().sum().backward()
+    assert len(classified) == 2 and all(torch.equal(t.grad, g) for t, g in zip(leaves, grads[1]))
+    with pytest.raises(attnc.InputError, match="block_mask `backward` must be True or False; got 'yes'"):
+        op.block_mask(70, backward="yes")
+
+
 def test_deterministic_mode_repeats_bits_with_a_block_mask():
     op = op_for("per_batch_causal_gqa", deterministic=True)
     q, k, v = (t.float() for t in draw(op.ir, 3, 70, 70))
@@ -181,7 +213,12 @@ def test_torch_compile_fullgraph_forward_and_backward_with_a_block_mask():
         out, lse = op(q, k, v, slopes=slopes, docs=docs, return_lse=True)
         return out.square().sum() + torch.where(torch.isfinite(lse), lse, 0).sum()
 
+    def loss_with_mask(q, k, v, slopes, docs, block_mask):
+        out = op(q, k, v, slopes=slopes, docs=docs, block_mask=block_mask)
+        return out.square().sum()
+
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled_with_mask = torch.compile(loss_with_mask, fullgraph=True, backend="aot_eager")
     for length, seed in ((40, 1), (70, 2)):
         docs = mask_inputs("declared_rows_masked_alibi", seed)["docs"]
         args = [t.float().requires_grad_() for t in draw(op.ir, 2, length, length)] + [SLOPES.clone().requires_grad_()]
@@ -189,6 +226,13 @@ def test_torch_compile_fullgraph_forward_and_backward_with_a_block_mask():
         compiled(*args, docs).backward()
         loss(*eager, docs).backward()
         for a, e in zip(args, eager):
+            torch.testing.assert_close(a.grad, e.grad, rtol=0, atol=1e-5)
+        made = op.block_mask(length, batch=2, docs=docs)  # the backward's lists made ahead, through the graph
+        masked = [t.detach().clone().requires_grad_() for t in args]
+        eager = [t.detach().clone().requires_grad_() for t in args]
+        compiled_with_mask(*masked, docs, made).backward()
+        loss_with_mask(*eager, docs, None).backward()
+        for a, e in zip(masked, eager):
             torch.testing.assert_close(a.grad, e.grad, rtol=0, atol=1e-5)
 
 
