@@ -8,7 +8,7 @@ from pathlib import Path
 PEER_LABELS = {"attnc": "attnc", "attnc_default": "attnc default", "cudnn": "cuDNN SDPA", "fa2": "SDPA flash (FA2)",
                "flex": "FlexAttention"}
 CONVENTION = ("TFLOP/s count only unmasked score elements: (2·qk_dim + 2·v_dim) FLOPs per element in the forward, "
-              "2.5× that in the backward, so masked variants compare with dense ones.")
+              "2.5× that in the backward (3.5× for forward + backward), so masked variants compare with dense ones.")
 
 
 def _cell(row: dict | None) -> str:
@@ -94,11 +94,31 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def training_steps(results: list[dict]) -> list[dict]:
+    """The rows of a backward run as rows of their forward + backward timing (``step_*``: TFLOP/s over the forward's
+    and the backward's FLOPs, milliseconds, peak memory), for the same table; none for a forward run."""
+    if not any("step_tflops" in r for r in results):
+        return []
+    steps = []
+    for r in results:
+        step = {k: v for k, v in r.items() if k not in ("tflops", "ms", "min_ms", "peak_mib")}
+        if "step_tflops" in r:
+            step.update(tflops=r["step_tflops"], ms=r["step_ms"], peak_mib=r["step_peak_mib"])
+        elif not r.get("error"):
+            step["error"] = "not timed"
+        steps.append(step)
+    return steps
+
+
 def write(results: list[dict], out_dir: Path, stem: str, title: str) -> str:
-    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``; the markdown text."""
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``; the markdown text (a backward run:
+    the backward alone, then forward + backward)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
     text = markdown(results, title)
+    steps = training_steps(results)
+    if steps:
+        text += "\n" + markdown(steps, title.replace("Backward", "Forward + backward", 1))
     (out_dir / f"{stem}.md").write_text(text)
     plot(results, out_dir / f"{stem}.png", title)
     return text

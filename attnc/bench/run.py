@@ -1,7 +1,7 @@
 """Running a benchmark: every case, every peer, one process, one GPU, the same inputs for all.
 
 ``run(cases, peers)`` times the forward, ``run(cases, peers, backward=True)`` the backward alone (gradients of q,
-k, v from a recorded forward). With ``tune=True`` attnc's forward is first tuned for every case at its sizes
+k, v from a recorded forward) and a training step's attention: forward and backward together (``step_*`` fields). With ``tune=True`` attnc's forward is first tuned for every case at its sizes
 (`attnc.schedules.tuner.tune`, recorded in the tuning database that dispatch then reads), the default heuristic's
 config is timed beside it as the peer ``attnc_default``, and a fresh process measures compile + first call
 (`attnc.bench.first_call`).
@@ -139,6 +139,7 @@ def run(cases: list[Case], peers: list[str], *, backward: bool = False, dtype: t
         elements = unmasked_elements(spec.ir, case.batch, case.seq, case.seq, spec.captured_tensors(),
                                      sample_rows=None)
         flops = attention_flops(spec.ir, elements, backward=backward)
+        step_flops = attention_flops(spec.ir, elements) + flops if backward else None
         outputs = {}
         for peer in peers:
             row = {"case": case.name, "peer": peer, "batch": case.batch, "q_heads": case.q_heads,
@@ -159,6 +160,12 @@ def run(cases: list[Case], peers: list[str], *, backward: bool = False, dtype: t
                 timing, peak_mib = _timed(fn, sets, repeats)
                 row.update(ms=timing.median_ms, min_ms=timing.min_ms, peak_mib=peak_mib, setup_ms=setup_ms,
                            tflops=tflops(flops, timing.median_ms))
+                if backward:
+                    def step(i, forward=forward, qs=qs, ks=ks, vs=vs, douts=douts, learned=learned):
+                        return torch.autograd.grad(forward(i), (qs[i], ks[i], vs[i], *learned), douts[i])
+                    step_timing, step_mib = _timed(step, sets, repeats)
+                    row.update(step_ms=step_timing.median_ms, step_peak_mib=step_mib,
+                               step_tflops=tflops(step_flops, step_timing.median_ms))
                 if hasattr(forward, "op") and backward:
                     config, source = forward.op.backward_config_for(dtype, case.batch, case.seq, case.seq)
                     row["config"], row["config_source"] = config.short(), f"backward {source}"
@@ -177,7 +184,8 @@ def run(cases: list[Case], peers: list[str], *, backward: bool = False, dtype: t
                 log(traceback.format_exc(limit=3))
             results.append(row)
             log(f"{case.name:40s} {peer:13s} {row['pass'][:3]} " +
-                (f"{row['tflops']:7.1f} TFLOP/s {row['ms']:8.3f} ms" if "tflops" in row else row["error"]))
+                (f"{row['tflops']:7.1f} TFLOP/s {row['ms']:8.3f} ms" if "tflops" in row else row["error"]) +
+                (f"; forward + backward {row['step_tflops']:7.1f} TFLOP/s" if "step_tflops" in row else ""))
         for name in ("attnc", "attnc_default"):
             if name in outputs:
                 reference = next((outputs[p] for p in ("cudnn", "fa2", "flex") if p in outputs), None)
@@ -192,7 +200,8 @@ def run(cases: list[Case], peers: list[str], *, backward: bool = False, dtype: t
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnc bench", description="attnc against its peers, one GPU, one run")
     parser.add_argument("--quick", action="store_true", help="only the 4k, head-dim-128 cases")
-    parser.add_argument("--backward", action="store_true", help="time the backward alone instead of the forward")
+    parser.add_argument("--backward", action="store_true",
+                        help="time the backward alone, and forward + backward, instead of the forward")
     parser.add_argument("--peers", default="attnc,cudnn,fa2,flex", help="comma-separated (default: all)")
     parser.add_argument("--cases", default="", help="only cases whose name contains one of these (comma-separated)")
     parser.add_argument("--repeats", type=int, default=20)

@@ -53,6 +53,22 @@ def test_report_writes_json_markdown_and_plot(tmp_path):
     assert (tmp_path / "fwd.png").stat().st_size > 1000
 
 
+def test_report_of_a_backward_run_adds_a_forward_and_backward_table(tmp_path):
+    rows = [
+        {"case": "causal", "peer": "attnc", "tflops": 430.0, "ms": 3.1, "setup_ms": 300.0, "peak_mib": 640.0,
+         "max_diff": 1e-2, "step_tflops": 470.0, "step_ms": 4.0, "step_peak_mib": 900.0},
+        {"case": "causal", "peer": "cudnn", "tflops": 480.0, "ms": 2.8, "setup_ms": 0.0, "step_tflops": 500.0,
+         "step_ms": 3.8, "step_peak_mib": 950.0},
+        {"case": "relative bias", "peer": "flex", "error": "InductorError: out of resource"},
+    ]
+    text = report.write(rows, tmp_path, "bwd", "Backward, H200, bf16, medians of 20")
+    alone, steps = text.split("### Forward + backward, H200, bf16, medians of 20")
+    assert "| causal | 430 | 480 | — | 0.90× | — | 0.3 | — | 640 | 1.0e-02 |" in alone
+    assert "| causal | 470 | 500 | — | 0.94× | — | 0.3 | — | 900 | 1.0e-02 |" in steps
+    assert "flex on relative bias: InductorError" in steps
+    assert report.training_steps([{"case": "causal", "peer": "attnc", "tflops": 600.0}]) == []
+
+
 def test_report_of_a_tuned_run_shows_the_gain_the_configs_and_first_call(tmp_path):
     rows = [
         {"case": "causal", "peer": "attnc", "tflops": 630.0, "setup_ms": 200.0, "peak_mib": 2.0, "max_diff": 1e-3,
