@@ -455,23 +455,20 @@ def test_gpu_head_dims(gpu_ops, dtype, dims, q_len, kv_len):
     check_cuda(gpu_ops[("dims", dims)], q_len, kv_len, dtype)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("dims", WIDE_HEAD_DIMS)
-@pytest.mark.parametrize("q_len, kv_len", [(129, 129), (17, 300), (300, 17)])
-def test_gpu_wide_head_dims_without_tensor_gradients(gpu_ops, dtype, dims, q_len, kv_len):
-    op = gpu_ops[("wide", dims)]
-    assert "PASS_CONFIGS" in backward_for(op, dtype, ()).stage("main").source  # the kernel's own barriers
-    check_cuda(op, q_len, kv_len, dtype)
+# What each of these kernels' main source must show: the wide head dims place their own barriers; the relative
+# bias's table gradient is summed per diagonal.
+OWN_PATHS = {"wide": ((), "PASS_CONFIGS"), "relative": (("table",), "_diagonal[z]")}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize("dims", RELATIVE_HEAD_DIMS)
+@pytest.mark.parametrize("kind, dims", [("wide", d) for d in WIDE_HEAD_DIMS] +
+                         [("relative", d) for d in RELATIVE_HEAD_DIMS])
 @pytest.mark.parametrize("q_len, kv_len", [(129, 129), (17, 300), (300, 17)])
-def test_gpu_relative_bias_gradient_summed_per_diagonal(gpu_ops, dtype, dims, q_len, kv_len):
-    op = gpu_ops[("relative", dims)]
-    assert "_diagonal[z]" in backward_for(op, dtype, ("table",)).stage("main").source
+def test_gpu_wide_head_dims_and_the_relative_bias(gpu_ops, dtype, kind, dims, q_len, kv_len):
+    op = gpu_ops[(kind, dims)]
+    grads, shown = OWN_PATHS[kind]
+    assert shown in backward_for(op, dtype, grads).stage("main").source
     check_cuda(op, q_len, kv_len, dtype)
 
 
