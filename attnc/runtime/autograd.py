@@ -1,8 +1,9 @@
 """Training: autograd of the `attnc::forward` custom op, the `attnc::backward` op, and the backward kernels it runs.
 
-``attnc::backward(q, k, v, out, lse, dout, dlse, extras, op_id, wanted) -> (dq, dk, dv, dextras)`` computes the
-gradients of q, k, v and of the extras listed in ``wanted`` (indices into ``extras``: float captured tensors and
-declared Inputs in kernel order, then sinks). Its fake implementation gives the shapes, so the op trains eagerly and
+``attnc::backward(q, k, v, out, lse, dout, dlse, extras, op_id, wanted, block_lists, block_config) -> (dq, dk, dv,
+dextras)`` computes the gradients of q, k, v and of the extras listed in ``wanted`` (indices into ``extras``: float
+captured tensors and declared Inputs in kernel order, then sinks); ``block_lists`` and ``block_config``: a block
+mask's backward lists and its configs' JSON when the forward was called with one made ahead, else ``[]`` and ``""``. Its fake implementation gives the shapes, so the op trains eagerly and
 under ``torch.compile(fullgraph=True)``. ``dlse`` (the gradient of the returned log-sum-exp) joins the softmax
 backward as ``delta = rowsum(dO * O) - dlse``.
 
@@ -25,9 +26,11 @@ Kernels, per (compiled op, dtype, gradients wanted, dQ mode):
 The kv-side tile map (which q tiles each kv tile visits, which are full) is the forward's analysis applied to the
 transposed mask (`attnc.dsl.derivative.backward_tiles`), so the backward skips exactly the tiles the forward skips
 for the affine masks, and evaluates the mask only on partial tiles. A mask that reads tensors (a document mask) gets
-a run-time block mask per call instead (`attnc.runtime.blockmask`), from the mask tensors the forward was called
-with, classified at the backward's own tiles (the forward's block mask is for the forward's tiles): the main kernel
-walks per kv tile its list of non-empty q tiles (the transpose view), the dq stage per q tile its list of kv tiles.
+a run-time block mask instead (`attnc.runtime.blockmask`), classified at the backward's own tiles (the forward's
+lists are for the forward's tiles): the main kernel walks per kv tile its list of non-empty q tiles (the transpose
+view), the dq stage per q tile its list of kv tiles. A block mask made ahead with ``op.block_mask`` holds those
+lists, and the backward of a call with it reuses them; otherwise each backward classifies the mask tensors the
+forward was called with.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 One op, ``attnc::forward(q, k, v, extras, op_id, block_mask, block_config) -> (out, lse)``: ``op_id`` names a
 registered `CompiledAttention` in this process; ``block_mask`` holds the tensors of a block mask made ahead
-(`attnc.runtime.blockmask.BlockMask`) and ``block_config`` the kernel config it was made for (JSON), or ``[]`` and
-``""`` (the op computes one per call when its mask reads a tensor). Its fake implementation gives the output shapes
+(`attnc.runtime.blockmask.BlockMask`: the forward kernel's, then the backward's lists, which autograd saves for the
+backward) and ``block_config`` the kernel config it was made for (JSON, the backward's under "backward"), or ``[]``
+and ``""`` (the op computes one per call when its mask reads a tensor). Its fake implementation gives the output shapes
 without running anything.
 """
 
