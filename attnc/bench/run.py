@@ -1,10 +1,10 @@
 """Running a benchmark: every case, every peer, one process, one GPU, the same inputs for all.
 
 ``run(cases, peers)`` times the forward, ``run(cases, peers, backward=True)`` the backward alone (gradients of q,
-k, v from a recorded forward) and a training step's attention: forward and backward together (``step_*`` fields). With ``tune=True`` attnc's forward is first tuned for every case at its sizes
-(`attnc.schedules.tuner.tune`, recorded in the tuning database that dispatch then reads), the default heuristic's
-config is timed beside it as the peer ``attnc_default``, and a fresh process measures compile + first call
-(`attnc.bench.first_call`).
+k, v from a recorded forward) and a training step's attention: forward and backward together (``step_*`` fields).
+With ``tune=True`` attnc's forward is first tuned for every case at its sizes (`attnc.schedules.tuner.tune`,
+recorded in the tuning database that dispatch then reads), the default heuristic's config is timed beside it as the
+peer ``attnc_default``, and a fresh process measures compile + first call (`attnc.bench.first_call`).
 """
 
 from __future__ import annotations

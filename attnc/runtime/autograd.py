@@ -3,9 +3,9 @@
 ``attnc::backward(q, k, v, out, lse, dout, dlse, extras, op_id, wanted, block_lists, block_config) -> (dq, dk, dv,
 dextras)`` computes the gradients of q, k, v and of the extras listed in ``wanted`` (indices into ``extras``: float
 captured tensors and declared Inputs in kernel order, then sinks); ``block_lists`` and ``block_config``: a block
-mask's backward lists and its configs' JSON when the forward was called with one made ahead, else ``[]`` and ``""``. Its fake implementation gives the shapes, so the op trains eagerly and
-under ``torch.compile(fullgraph=True)``. ``dlse`` (the gradient of the returned log-sum-exp) joins the softmax
-backward as ``delta = rowsum(dO * O) - dlse``.
+mask's backward lists and its configs' JSON when the forward was called with one made ahead, else ``[]`` and ``""``.
+Its fake implementation gives the shapes, so the op trains eagerly and under ``torch.compile(fullgraph=True)``.
+``dlse`` (the gradient of the returned log-sum-exp) joins the softmax backward as ``delta = rowsum(dO * O) - dlse``.
 
 Kernels, per (compiled op, dtype, gradients wanted, dQ mode):
 
@@ -50,7 +50,7 @@ from attnc.dsl.derivative import read_gradients
 from attnc.dsl.ir import AttentionIR
 from attnc.errors import UnsupportedError
 from attnc.runtime import custom_op
-from attnc.runtime.blockmask import FORWARD_TENSORS, classify, compact, compact_by_kv_tile
+from attnc.runtime.blockmask import STAGE_TENSORS, classify, compact, compact_by_kv_tile
 from attnc.runtime.kernels import KERNEL_DTYPES, BlockMaskKernel, BuiltKernel
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.heuristics import backward_config
@@ -184,8 +184,7 @@ class Backward:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), grads, dsinks
         dlse = torch.zeros_like(lse) if dlse is None else dlse.to(torch.float32).contiguous()
         delta = torch.empty((batch, ir.q_heads, q_len), **f32)
-        per_stage = len(block_lists) // max(len(self.mask_stages()), 1)  # tile kinds, counts, lists
-        made = {stage: list(block_lists[i * per_stage:(i + 1) * per_stage])
+        made = {stage: list(block_lists[i * STAGE_TENSORS:(i + 1) * STAGE_TENSORS])
                 for i, stage in enumerate(self.mask_stages()) if block_lists}
 
         def stage_mask(stage):
@@ -316,7 +315,7 @@ def _setup_context(ctx, inputs, output):
     ctx.n_extras = len(extras)
     ctx.n_block_mask = len(block_mask)
     ctx.block_config = block_config
-    ctx.save_for_backward(q, k, v, out, lse, *extras, *block_mask[FORWARD_TENSORS:])
+    ctx.save_for_backward(q, k, v, out, lse, *extras, *block_mask[STAGE_TENSORS:])
 
 
 def _backward(ctx, dout, dlse):

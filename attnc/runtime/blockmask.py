@@ -23,7 +23,7 @@ from attnc.schedules.config import KernelConfig
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 GRID_LIMIT = 65535  # CUDA grid y / z extents: q tiles, and batch × heads planes of the classifier
-FORWARD_TENSORS = 3  # a block mask's tensors the forward kernel takes; the backward's lists follow them
+STAGE_TENSORS = 3  # what a kernel that walks a block mask takes: tile kinds, tile counts, tile lists
 _GLYPHS = {EMPTY: "·", PARTIAL: "░", FULL: "█"}
 _PRINTED_TILES = 48  # a larger grid prints downsampled, one glyph per group of tiles
 
@@ -64,8 +64,8 @@ class BlockMask:
         return self.config.block_m, self.config.block_n
 
     def tensors(self) -> list[torch.Tensor]:
-        """What the custom op carries: the forward kernel's tile kinds, kv tile counts and kv tile lists (the first
-        `FORWARD_TENSORS`), then the backward's `backward_lists`."""
+        """What the custom op carries: the forward kernel's `STAGE_TENSORS` (tile kinds, kv tile counts, kv tile
+        lists), then the backward's `backward_lists` (as many per stage)."""
         return [self.tile_kind, self.kv_count, self.kv_list, *self.backward_lists]
 
     def grid(self, batch: int = 0, head: int = 0) -> list[str]:

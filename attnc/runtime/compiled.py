@@ -14,7 +14,7 @@ from attnc.dsl.spec import Attention
 from attnc.errors import InputError, SpecError, UnsupportedError
 from attnc.runtime import autograd as _autograd  # also registers the backward of attnc::forward
 from attnc.runtime import custom_op
-from attnc.runtime.blockmask import FORWARD_TENSORS, BlockMask, check_block_mask, classify, compact
+from attnc.runtime.blockmask import STAGE_TENSORS, BlockMask, check_block_mask, classify, compact
 from attnc.runtime.check import parse_dtype
 from attnc.runtime.kernels import KERNEL_DTYPES, BlockMaskKernel, Kernel
 from attnc.runtime.support import check_supported
@@ -239,7 +239,7 @@ class CompiledAttention:
             config, _ = self.config_for(q.dtype, batch, q_len, kv_len,
                                         {t.name: e for t, e in zip(ir.inputs, extras)})
             block_mask = self.block_mask_tensors(config, q, k, extras)
-        self.kernel(q.dtype, config)(q, k, v, *extras, *block_mask[:FORWARD_TENSORS], out, lse)
+        self.kernel(q.dtype, config)(q, k, v, *extras, *block_mask[:STAGE_TENSORS], out, lse)
         return out, lse
 
     def __repr__(self) -> str:
