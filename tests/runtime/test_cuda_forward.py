@@ -13,7 +13,8 @@ from attnc import mods
 from attnc.cli import example_specs, load_spec
 from attnc.codegen.build import Target, cuda_home
 from attnc.runtime.check import check_op
-from attnc.runtime.kernels import Kernel, build_in_parallel
+from attnc.errors import BuildError
+from attnc.runtime.kernels import BuiltKernel, Kernel, build_in_parallel
 from attnc.schedules.heuristics import default_config
 
 EXAMPLES = {path.stem: load_spec(path) for path in example_specs()}
@@ -61,13 +62,43 @@ def branch_on_q_and_kv_spec():
 
 
 @needs_nvcc
-def test_a_kernel_tilelang_cannot_lower_optimised_is_built_plain(caplog):
+def test_a_kernel_tilelang_cannot_lower_optimised_is_built_plain(caplog, monkeypatch):
+    """tilelang refusing the optimised loop is simulated: the spec that tripped it (a column cache filled by the
+    consumers under the branch) builds since the producer fills the column caches (next test)."""
     spec = branch_on_q_and_kv_spec()
     kernel = Kernel.render("fwd", spec.ir, attnc.KernelConfig(192, 128, 2, 384), "bfloat16", Target("cuda", "sm_90a"))
+    build = BuiltKernel.build
+
+    def refuse_hoisted_reads(self):
+        if "column_cache" in self.source:
+            raise BuildError("InternalError: [ThreadSync] Cannot lower a required shared-memory sync inside a "
+                             "divergent region")
+        return build(self)
+
+    monkeypatch.setattr(BuiltKernel, "build", refuse_hoisted_reads)
     assert "column_cache" in kernel.source and not kernel.plain
     kernel.build()
     assert kernel.plain and "column_cache" not in kernel.source and "wgmma" in kernel.device_source()
     assert "building it plain" in caplog.text
+
+
+@needs_nvcc
+def test_sm90a_producer_fills_each_kv_tiles_kind_and_column_caches():
+    """The consumers read a kv tile's kind and its column caches (a document mask's doc_ids[kv]) from the ring slot
+    the producer filled before its k_full arrival, while QKᵀ runs; they had loaded them from global memory at every
+    tile, the doc_ids after the gemm wait. Filled by the producer, the column cache of the spec above no longer
+    trips tilelang's ThreadSync: its optimised d64 kernel builds."""
+    spec = branch_on_q_and_kv_spec()
+    kernel = Kernel.render("fwd", spec.ir, attnc.KernelConfig(192, 128, 2, 384), "bfloat16", Target("cuda", "sm_90a"))
+    kernel.build()
+    assert not kernel.plain and "column_cache0_ring" in kernel.source
+    doc_ids = torch.tensor([0] * 300 + [1] * 700, dtype=torch.int32)
+    document = attnc.Attention(4, qk_dim=128, mask_mod=mods.document(doc_ids) & mods.causal())
+    source = Kernel.render("fwd", document.ir, attnc.KernelConfig(128, 128, 2, 256), "bfloat16",
+                           Target("cuda", "sm_90a")).device_source()
+    producer, consumers = source.split("warpgroup_reg_dealloc", 1)[1].split("warpgroup_reg_alloc", 1)
+    assert "kind_ring)[(t & 1)] = " in producer and "column_cache0_ring)[" in producer
+    assert "TileKind[" not in consumers and "in_doc_ids[" not in consumers.split("k_empty[0].arrive()")[1]
 
 
 def test_a_config_that_does_not_fit_is_refused_before_building():
