@@ -61,12 +61,9 @@ def branch_on_q_and_kv_spec():
                            name="branch_on_q_and_kv")
 
 
-@needs_nvcc
-def test_a_kernel_tilelang_cannot_lower_optimised_is_built_plain(caplog, monkeypatch):
-    """tilelang refusing the optimised loop is simulated: the spec that tripped it (a column cache filled by the
-    consumers under the branch) builds since the producer fills the column caches (next test)."""
-    spec = branch_on_q_and_kv_spec()
-    kernel = Kernel.render("fwd", spec.ir, attnc.KernelConfig(192, 128, 2, 384), "bfloat16", Target("cuda", "sm_90a"))
+def refuse_column_caches(monkeypatch):
+    """Make every build of a source with a column cache fail as tilelang 0.1.15's ThreadSync refused the consumers'
+    fill under a branch (before the producer filled the caches)."""
     build = BuiltKernel.build
 
     def refuse_hoisted_reads(self):
@@ -76,6 +73,15 @@ def test_a_kernel_tilelang_cannot_lower_optimised_is_built_plain(caplog, monkeyp
         return build(self)
 
     monkeypatch.setattr(BuiltKernel, "build", refuse_hoisted_reads)
+
+
+@needs_nvcc
+def test_a_kernel_tilelang_cannot_lower_optimised_is_built_plain(caplog, monkeypatch):
+    """tilelang refusing the optimised loop is simulated: the spec that tripped it (a column cache filled by the
+    consumers under the branch) builds since the producer fills the column caches (next test)."""
+    spec = branch_on_q_and_kv_spec()
+    kernel = Kernel.render("fwd", spec.ir, attnc.KernelConfig(192, 128, 2, 384), "bfloat16", Target("cuda", "sm_90a"))
+    refuse_column_caches(monkeypatch)
     assert "column_cache" in kernel.source and not kernel.plain
     kernel.build()
     assert kernel.plain and "column_cache" not in kernel.source and "wgmma" in kernel.device_source()
@@ -182,11 +188,16 @@ def test_every_head_dim_matches_the_reference_on_the_gpu(gpu_ops, name, dims, q_
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("plain", [False, True], ids=["optimised", "plain"])
 @pytest.mark.parametrize("q_len, kv_len", [(17, 17), (1000, 1000), (1000, 333)])
-def test_a_kernel_built_plain_matches_the_reference_on_the_gpu(q_len, kv_len):
+def test_the_branch_spec_optimised_and_built_plain_matches_the_reference_on_the_gpu(monkeypatch, plain, q_len, kv_len):
+    """Its optimised kernel (column cache in the producer's ring) and, with tilelang's refusal simulated, its plain
+    one."""
+    if plain:
+        refuse_column_caches(monkeypatch)
     op = attnc.compile(branch_on_q_and_kv_spec(), target="cuda", config=attnc.KernelConfig(192, 128, 2, 384))
     check(op, q_len, kv_len, torch.bfloat16)
-    assert op.kernel(torch.bfloat16).plain
+    assert op.kernel(torch.bfloat16).plain is plain
 
 
 @pytest.mark.gpu
