@@ -304,6 +304,27 @@ def test_sm90a_main_kernel_tests_the_mask_only_on_partial_tiles():
     assert fused.count("kv_idx <= (q_idx") == 1  # in the partial tiles' loop only
 
 
+
+def test_sm90a_full_tiles_test_the_bounds_only_when_the_score_reads_a_tensor():
+    """A mask that reads a tensor (document) is evaluated on partial tiles only, so full tiles need no bounds test:
+    their loop is unguarded (vectorised: 166 -> 169 TFLOP/s for the document backward on the H200). A score that reads
+    a tensor keeps the test on every tile (a row past q_len would read past the tensor)."""
+    target = Target("cuda", "sm_90a")
+
+    def full_tile_loop(spec):
+        backward = Backward(spec.ir, target, "bfloat16", (), "atomic", backward_config("sm_90a", spec.ir))
+        source = backward.stage("main").source
+        consumer = source[source.index("T.barrier_wait(kv_ready, 0)"):]
+        return consumer[:consumer.index("if T.Or(")]
+
+    doc_ids = torch.tensor([0] * 300 + [1] * 700, dtype=torch.int32)
+    document = attnc.Attention(4, qk_dim=128, mask_mod=mods.document(doc_ids) & mods.causal())
+    loop = full_tile_loop(document)
+    assert "sT[j, i] = T.exp2(" in loop and "q_len" not in loop and "doc_ids" not in loop
+    bias = torch.randn(4, 1000)
+    biased = attnc.Attention(4, qk_dim=128, mask_mod=mods.causal(), score_mod=lambda s, b, h, q, kv: s + bias[h, kv])
+    assert "T.if_then_else(T.And(q_idx < q_len, kv_idx < kv_len), T.exp2(" in full_tile_loop(biased)
+
 def test_sm90a_main_kernel_sums_a_relative_bias_gradient_per_diagonal():
     """One fp32 atomic per score element into the table ran the relative-bias backward at 116 TFLOP/s on the H200
     (per-diagonal sums by shared-memory atomics in the element loop: 89). After the consumers' barrier, each thread
