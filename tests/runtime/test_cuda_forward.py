@@ -232,5 +232,19 @@ def test_fully_masked_rows_and_lengths_that_change_without_a_rebuild(gpu_ops):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["document", "window"])
+def test_short_kv_loops_run_two_blocks_per_sm_and_match_the_reference_on_the_gpu(mask, dtype):
+    """At 4k a causal document mask and a 512 window keep under `SHORT_LOOP_KEYS` keys a row: the heuristic's
+    two-block config runs, and matches the reference."""
+    doc_ids = torch.repeat_interleave(torch.arange(8), torch.tensor([700, 100, 900, 300, 1000, 96, 500, 500]))
+    mask_mod = mods.document(doc_ids) & mods.causal() if mask == "document" else mods.sliding_window(512)
+    op = attnc.compile(attnc.Attention(8, 2, qk_dim=128, mask_mod=mask_mod), target="cuda")
+    config, source = op.config_for(dtype, 1, 4096, 4096)
+    assert (source, config) == ("heuristic", attnc.KernelConfig(64, 64, 2, 128))
+    check(op, 4096, 4096, dtype, batch=1)
+
+
+@pytest.mark.gpu
 def test_target_auto_picks_cuda_when_a_gpu_is_present():
     assert attnc.compile(attnc.Attention(8, qk_dim=64)).target.kind == "cuda"
