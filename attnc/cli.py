@@ -189,8 +189,6 @@ def _positive(value: str) -> int:
 
 
 def cmd_show(args) -> int:
-    import torch
-
     import attnc
     from attnc.runtime.check import dtype_label
 
@@ -202,10 +200,8 @@ def cmd_show(args) -> int:
     kv_len = args.kv_len or q_len
     if args.backward:
         return _show_backward(op, loaded, args.batch, q_len, kv_len, dtype)
-    if target.kind == "cuda" and not torch.cuda.is_available():  # no GPU to key the tuning database by
-        config, source = op.config(dtype), "heuristic"
-    else:
-        config, source = op.config_for(dtype, args.batch, q_len, kv_len)  # what a call of these sizes runs
+    # what a call of these sizes runs (the heuristic's config without a GPU to key the tuning database by)
+    config, source = op.config_for(dtype, args.batch, q_len, kv_len, loaded.inputs(q_len, kv_len) or None)
     kernel = op.kernel(dtype, config)
     _print(f"== spec ({loaded.path}) ==")
     _print(loaded.spec.ir.describe())

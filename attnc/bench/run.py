@@ -49,6 +49,7 @@ def _prebuild(cases: list[Case], dtype: torch.dtype, backward: bool, default_too
     import attnc
     from attnc.runtime import autograd
     from attnc.runtime.kernels import KERNEL_DTYPES, Kernel, build_in_parallel
+    from attnc.schedules.heuristics import kept_keys_per_row
 
     device = torch.device("cuda")
     ops = [(case, attnc.compile(case.spec(device), target="cuda")) for case in cases]
@@ -56,7 +57,7 @@ def _prebuild(cases: list[Case], dtype: torch.dtype, backward: bool, default_too
     for case, op in ops:
         configs = {op.config_for(dtype, case.batch, case.seq, case.seq)[0]}
         if default_too:
-            configs.add(op.config(dtype))
+            configs.add(op.config(dtype, kept_keys_per_row(op.ir, case.seq, case.seq, op.spec.captured_tensors())))
         jobs += [functools.partial(Kernel.render, "fwd", op.ir, config, KERNEL_DTYPES[dtype], op.target)
                  for config in configs]
     build_in_parallel(jobs, min(workers, len(jobs)))

@@ -31,6 +31,7 @@ from attnc.dsl.derivative import backward_tiles, read_gradients, score_derivativ
 from attnc.dsl.ir import AttentionIR
 from attnc.dsl.tilemap import Q_TILE, TileMap, analyse
 from attnc.schedules.config import KernelConfig
+from attnc.schedules.resources import consumer_regs, forward_blocks_per_sm
 
 # Kernel variable names the templates bind, for each symbol of the IR and the tile map.
 KERNEL_NAMES = {
@@ -115,6 +116,8 @@ class KernelContext:
     pack_gqa: bool
     arch: str = ""  # "sm_90a" / "sm_80" for cuda families, "" for the cpu
     warp_specialized: bool = False  # sm_90a: producer warpgroup + consumer warpgroups (``threads`` consumers)
+    blocks_per_sm: int = 1  # sm_90a: blocks one SM is built to hold (`resources.forward_blocks_per_sm`)
+    consumer_regs: int = 0  # sm_90a: registers per consumer thread (setmaxnreg; `resources.consumer_regs`)
     fast_tanh: bool = False  # the score expression calls attnc_fast_tanh; the template defines it
     score_guard: bool = False  # the score reads tensors: evaluate it only for in-bounds (q_idx, kv_idx)
     caches: tuple[CacheFill, ...] = ()  # cuda: values hoisted out of the element loop, in the order they fill
@@ -159,6 +162,9 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
         element = print_expr(score.subs(symbols.score, ir.scale * QK), {**KERNEL_NAMES, QK: "qk"}, tensors,
                              fast_tanh=True)
 
+    blocks_per_sm = 1
+    if family == "fwd" and arch == "sm_90a":
+        blocks_per_sm = forward_blocks_per_sm(config, qk_dim=ir.qk_dim, v_dim=ir.v_dim)
     return KernelContext(
         kernel_name=kernel_name,
         family=family,
@@ -186,6 +192,8 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
         pack_gqa=config.pack_gqa,
         arch=arch,
         warp_specialized=arch == "sm_90a",
+        blocks_per_sm=blocks_per_sm,
+        consumer_regs=consumer_regs(config.threads, blocks_per_sm) if arch == "sm_90a" else 0,
         fast_tanh=cuda and ir.score.has(sympy.tanh),
         score_guard=bool(score.atoms(sympy.Indexed)),
         caches=tuple(caches),

@@ -1,4 +1,5 @@
-"""Default schedules: a good config per (template family, arch, head dims, dtype) without tuning.
+"""Default schedules: a good config per (template family, arch, head dims, dtype) without tuning, and for the sm_90a
+forward per kv loop length: the keys a query row keeps.
 
 The cuda forward figures come from measurements on the H200 (docs/performance.md): on sm_90a ``threads`` counts
 the consumer warpgroups' threads (64 q rows each, so ``block_m == 64 * threads // 128``); a producer warpgroup
@@ -8,10 +9,26 @@ is added at launch.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+
+import sympy
+import torch
 
 from attnc.dsl.ir import AttentionIR
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.resources import fits
+from attnc.schedules.timing import unmasked_elements
+
+SHORT_LOOP_KEYS = 1024
+"""Mean keys kept per query row at or below which the sm_90a head-dim-128 forward runs 64 x 64 tiles with one
+consumer warpgroup, two blocks per SM (`resources.forward_blocks_per_sm`): one block's prologue and epilogue
+overlap the other's loop. Measured on the H200 (docs/performance.md, seventh session), default -> two blocks in
+TFLOP/s: a causal document mask at 4k (340 keys a row) 169 -> 235, a 1k window at 4k (896) 425 -> 443, causal 1k
+(512) 350 -> 381, non-causal 1k (1024) 489 -> 499; above it, causal 4k (2048) 575 -> 506, prefix-LM 1k at 4k (2176)
+554 -> 507."""
+
+KEYS_SAMPLE_ROWS = 64
+"""Query rows `kept_keys_per_row` evaluates the mask on (a stratified sample): a heuristic needs no more."""
 
 _HOPPER_FWD = {  # (qk_dim, v_dim) -> (block_m, block_n, threads)
     (64, 64): (192, 128, 384),
@@ -21,11 +38,34 @@ _HOPPER_FWD = {  # (qk_dim, v_dim) -> (block_m, block_n, threads)
 }
 
 
-def default_config(family: str, arch: str, ir: AttentionIR, dtype: str) -> KernelConfig:
-    """The config a kernel gets when no tuning result exists for it."""
+def kept_keys_per_row(ir: AttentionIR, q_len: int, kv_len: int,
+                      inputs: Mapping[str, torch.Tensor] | None = None) -> float | None:
+    """The mean number of keys a query row keeps in a call of these lengths (batch 0, every q head), from the mask
+    evaluated on `KEYS_SAMPLE_ROWS` rows with the tensors it reads from ``inputs``; None when ``inputs`` lacks one
+    of them (or holds no data: a fake tensor while tracing) or one too short for these lengths."""
+    if q_len < 1 or kv_len < 1:
+        return None
+    tensors = dict(inputs or {})
+    for name in {str(read.base.label) for read in sympy.sympify(ir.mask).atoms(sympy.Indexed)}:
+        if name not in tensors or tensors[name].is_meta or isinstance(tensors[name], torch._subclasses.FakeTensor):
+            return None
+    try:
+        kept = unmasked_elements(ir, 1, q_len, kv_len, tensors, sample_rows=KEYS_SAMPLE_ROWS)
+    except IndexError:  # the tensors are shorter than these lengths: a call of them would be refused anyway
+        return None
+    return kept / (ir.q_heads * q_len)
+
+
+def default_config(family: str, arch: str, ir: AttentionIR, dtype: str,
+                   keys_per_row: float | None = None) -> KernelConfig:
+    """The config a kernel gets when no tuning result exists for it. ``keys_per_row``: the mean number of keys a
+    query row of the call keeps (`kept_keys_per_row`; None: unknown, as when building ahead of a call)."""
     if family.startswith("cpu_"):
         return KernelConfig(block_m=16, block_n=32, stages=1, threads=1)
     if family == "fwd" and arch == "sm_90a":
+        short = keys_per_row is not None and keys_per_row <= SHORT_LOOP_KEYS
+        if short and (ir.qk_dim, ir.v_dim) == (128, 128):
+            return KernelConfig(block_m=64, block_n=64, stages=2, threads=128)
         block_m, block_n, threads = _HOPPER_FWD.get((ir.qk_dim, ir.v_dim), (128, 64, 256))
         if (ir.qk_dim, block_n) == (128, 128) and not ir.has_mask:
             block_n = 160  # dense: longer kv tiles measured 1–2% faster

@@ -85,6 +85,9 @@ SMEM_ALIGN = 1024
 SMEM_RESERVE = 2048
 """Bytes of the per-block limit the sm_90a backward leaves for static shared memory (mbarriers)."""
 
+BLOCK_SMEM_RESERVE = 1024
+"""Shared memory the hardware keeps for each resident block on sm_80 and later, beside what the block asks for."""
+
 MMA_ROWS = 16
 """Rows one warp's MMA covers; a warp owns a multiple of this."""
 
@@ -104,7 +107,8 @@ class Arch:
     one block's tile buffers; regs_per_sm: 32-bit registers per SM; max_regs_per_thread: the per-thread register
     cap; max_threads: threads per block; wgmma: GEMMs are Hopper warpgroup MMAs (threads in whole warpgroups);
     producer_threads / producer_regs: the producer warpgroup TileLang's warp specialisation may add to a block and
-    the registers it keeps (counted so that the block still fits when it is added).
+    the registers it keeps (counted so that the block still fits when it is added); smem_per_sm: the shared memory
+    of one SM, which the blocks resident on it share (0: not modelled).
     """
 
     name: str
@@ -116,13 +120,15 @@ class Arch:
     wgmma: bool = False
     producer_threads: int = 0
     producer_regs: int = 0
+    smem_per_sm: int = 0
 
     @property
     def is_cpu(self) -> bool:
         return self.kind == "cpu"
 
 
-SM90A = Arch("sm_90a", "cuda", smem_per_block=232448, wgmma=True, producer_threads=128, producer_regs=24)
+SM90A = Arch("sm_90a", "cuda", smem_per_block=232448, wgmma=True, producer_threads=128, producer_regs=24,
+             smem_per_sm=233472)
 SM80 = Arch("sm_80", "cuda", smem_per_block=166912)
 SM86 = Arch("sm_86", "cuda", smem_per_block=101376)
 SM89 = Arch("sm_89", "cuda", smem_per_block=101376)
@@ -175,9 +181,30 @@ def bwd_dq_staged(qk_dim: int) -> bool:
     return qk_dim <= 128
 
 
-def consumer_regs(threads: int) -> int:
-    """Registers per thread the sm_90a warp-specialised kernels give their ``threads`` consumer threads."""
+def consumer_regs(threads: int, blocks_per_sm: int = 1) -> int:
+    """Registers per thread the sm_90a warp-specialised kernels give their ``threads`` consumer threads (setmaxnreg).
+
+    One block per SM: 240 (160 with three consumer warpgroups). Two (one consumer warpgroup,
+    `forward_blocks_per_sm`): each block launches with 128 registers per thread (64K over 2 × 256 threads), and the
+    consumers take the 104 per thread the producer gives up by keeping 24: 232.
+    """
+    if blocks_per_sm == 2:
+        return 232
     return 240 if threads <= 256 else 160
+
+
+def forward_blocks_per_sm(config: KernelConfig, *, qk_dim: int, v_dim: int, dtype_bytes: int = 2,
+                          arch: Arch | str = "sm_90a") -> int:
+    """Blocks of the warp-specialised forward one SM is built to hold: 2 when a block has one consumer warpgroup
+    (128 threads) and two blocks' shared memory fit the SM, so that one block's prologue and epilogue (Q's load, O's
+    store) overlap the other's loop, which pays on short kv loops (document masks, narrow windows); else 1. The
+    kernel then caps its registers for two blocks (``__launch_bounds__(256, 2)``, `consumer_regs`)."""
+    arch = get_arch(arch)
+    if not arch.wgmma or config.threads != 128 or not arch.smem_per_sm:
+        return 1
+    smem = shared_memory_bytes("fwd", config, qk_dim=qk_dim, v_dim=v_dim, dtype_bytes=dtype_bytes,
+                               output_in_q=qk_dim == v_dim)
+    return 2 if 2 * (smem + SMEM_RESERVE + BLOCK_SMEM_RESERVE) <= arch.smem_per_sm else 1
 
 
 def shared_memory_bytes(

@@ -357,14 +357,8 @@ def tune(
     arch = target.arch or "cpu"
     dtype_name = KERNEL_DTYPES[dtype]
 
-    default = backward_config(arch, ir) if backward else default_config(family, arch, ir, dtype_name)
-    if configs is None:
-        configs = space(family, arch, ir.qk_dim, ir.v_dim, ir.group, dtype.itemsize)
-    ordered = order_candidates(list(configs), default)
-    if max_candidates is not None:
-        if max_candidates < 1:
-            raise InputError(f"tune's `max_candidates` must be at least 1; got {max_candidates!r}")
-        ordered = ordered[:max_candidates]
+    if max_candidates is not None and max_candidates < 1:
+        raise InputError(f"tune's `max_candidates` must be at least 1; got {max_candidates!r}")
     workers = default_workers() if workers is None else workers
 
     warmup = (3 if cuda else 1) if warmup is None else warmup
@@ -374,6 +368,11 @@ def tune(
     captured = {n: t.to(device) for n, t in op.spec.captured_tensors().items()}
     elements = timing.unmasked_elements(ir, batch, q_len, kv_len, {**captured, **harness.given(q_len, kv_len)})
     flops = timing.attention_flops(ir, elements, backward=backward)
+    keys_per_row = elements / (batch * ir.q_heads * q_len)
+    default = backward_config(arch, ir) if backward else default_config(family, arch, ir, dtype_name, keys_per_row)
+    if configs is None:
+        configs = space(family, arch, ir.qk_dim, ir.v_dim, ir.group, dtype.itemsize)
+    ordered = order_candidates(list(configs), default)[:max_candidates]
 
     def loaded_here(config: KernelConfig):  # the op's own caches: shared with dispatch and later buckets
         return backward_for(op, dtype, (), config=config) if backward else op.kernel(dtype, config)
@@ -532,10 +531,13 @@ def lookup_or_tune(op, dtype: torch.dtype, *, batch: int, q_len: int, kv_len: in
     call's sizes; a tuning that fails is logged and the heuristic is used. Without a visible GPU a cuda op (built
     ahead of time) gets the heuristic: the database is keyed by the GPU.
     """
-    from attnc.schedules.heuristics import backward_config
+    from attnc.schedules.heuristics import backward_config, kept_keys_per_row
 
     def heuristic() -> KernelConfig:
-        return backward_config(op.target.arch or "cpu", op.ir) if backward else op.config(dtype)
+        if backward:
+            return backward_config(op.target.arch or "cpu", op.ir)
+        tensors = {**op.spec.captured_tensors(), **(inputs if isinstance(inputs, Mapping) else {})}
+        return op.config(dtype, kept_keys_per_row(op.ir, q_len, kv_len, tensors))
 
     if op.target.kind == "cuda" and not torch.cuda.is_available():
         return heuristic(), "heuristic"  # building ahead of time for a GPU elsewhere: nothing to look up

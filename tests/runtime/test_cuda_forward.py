@@ -89,6 +89,21 @@ def test_a_kernel_tilelang_cannot_lower_optimised_is_built_plain(caplog, monkeyp
 
 
 @needs_nvcc
+def test_sm90a_forward_with_one_consumer_warpgroup_is_built_for_two_blocks_per_sm():
+    """With one consumer warpgroup and shared memory for two blocks, the kernel asks ptxas for two blocks per SM and
+    its consumers take the producer's spare registers (232); with two stages it stays at one block, at 240 (it had the
+    160 of three warpgroups, and ptxas reported 1580 bytes of spill stores for the document mask's 64-row kernel)."""
+    spec = attnc.Attention(4, qk_dim=128, mask_mod=mods.causal())
+    target = Target("cuda", "sm_90a")
+    two = Kernel.render("fwd", spec.ir, attnc.KernelConfig(64, 128, 1, 128), "bfloat16", target)
+    assert "T.annotate_min_blocks_per_sm(2)" in two.source and "T.set_max_nreg(232, 1)" in two.source
+    device = two.build().device_source()
+    assert "__launch_bounds__(256, 2)" in device and "warpgroup_reg_alloc<232>" in device
+    one = Kernel.render("fwd", spec.ir, attnc.KernelConfig(64, 128, 2, 128), "bfloat16", target)
+    assert "annotate_min_blocks_per_sm" not in one.source and "T.set_max_nreg(240, 1)" in one.source
+
+
+@needs_nvcc
 def test_sm90a_producer_fills_each_kv_tiles_kind_and_column_caches():
     """The consumers read a kv tile's kind and its column caches (a document mask's doc_ids[kv]) from the ring slot
     the producer filled before its k_full arrival, while QKᵀ runs; they had loaded them from global memory at every
@@ -214,6 +229,20 @@ def test_fully_masked_rows_and_lengths_that_change_without_a_rebuild(gpu_ops):
         q = torch.randn(1, length, 8, 128, device="cuda", dtype=torch.bfloat16)
         op(q, q[:, :, :2].contiguous(), q[:, :, :2].contiguous())
     assert kernel.compiled is compiled
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["document", "window"])
+def test_short_kv_loops_run_two_blocks_per_sm_and_match_the_reference_on_the_gpu(mask, dtype):
+    """At 4k a causal document mask and a 512 window keep under `SHORT_LOOP_KEYS` keys a row: the heuristic's
+    two-block config runs, and matches the reference."""
+    doc_ids = torch.repeat_interleave(torch.arange(8), torch.tensor([700, 100, 900, 300, 1000, 96, 500, 500]))
+    mask_mod = mods.document(doc_ids) & mods.causal() if mask == "document" else mods.sliding_window(512)
+    op = attnc.compile(attnc.Attention(8, 2, qk_dim=128, mask_mod=mask_mod), target="cuda")
+    config, source = op.config_for(dtype, 1, 4096, 4096)
+    assert (source, config) == ("heuristic", attnc.KernelConfig(64, 64, 2, 128))
+    check(op, 4096, 4096, dtype, batch=1)
 
 
 @pytest.mark.gpu

@@ -12,7 +12,9 @@ from attnc.schedules.resources import (
     SM90A,
     _partition_exists,
     check,
+    consumer_regs,
     fits,
+    forward_blocks_per_sm,
     get_arch,
     register_estimate,
     require_fits,
@@ -116,6 +118,24 @@ def test_hopper_forward_gives_each_consumer_warpgroup_64_rows_and_reuses_q_for_t
     assert any(r.startswith("shared memory") for r in check("fwd", "sm_80", fits_only_with_reuse, qk_dim=256,
                                                              v_dim=256))
 
+
+def test_a_forward_with_one_consumer_warpgroup_is_built_for_two_blocks_per_sm_when_their_shared_memory_fits():
+    """Two blocks of 80 KiB (Q 16 KiB, one stage of K and V) fit the H200's 228 KiB SM; with two stages (144 KiB), or
+    two consumer warpgroups, one block; sm_80 has no producer warpgroup to take registers from."""
+    assert forward_blocks_per_sm(KernelConfig(64, 128, 1, 128), **D128) == 2
+    assert forward_blocks_per_sm(KernelConfig(64, 64, 2, 128), **D128) == 2
+    assert forward_blocks_per_sm(KernelConfig(64, 128, 2, 128), **D128) == 1
+    assert forward_blocks_per_sm(KernelConfig(128, 128, 1, 256), **D128) == 1
+    assert forward_blocks_per_sm(KernelConfig(64, 128, 1, 128), **D128, arch="sm_80") == 1
+    assert forward_blocks_per_sm(KernelConfig(64, 64, 2, 128), qk_dim=256, v_dim=256) == 1
+
+
+def test_consumer_registers_per_warpgroup_count_and_blocks_per_sm():
+    """One block per SM: 240 (160 over three warpgroups). Two: 128 per thread at launch plus the 104 the producer
+    warpgroup gives up (it keeps 24)."""
+    assert (consumer_regs(128), consumer_regs(256), consumer_regs(384)) == (240, 240, 160)
+    launch = SM90A.regs_per_sm // (2 * (128 + SM90A.producer_threads))
+    assert consumer_regs(128, blocks_per_sm=2) == launch + (launch - SM90A.producer_regs) == 232
 
 def test_128_rows_on_384_threads_has_no_warp_partition_on_sm90a():
     cfg = KernelConfig(block_m=128, block_n=128, stages=2, threads=384)

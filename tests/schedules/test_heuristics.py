@@ -1,0 +1,65 @@
+"""The default schedules: the sm_90a forward's config follows the keys a query row keeps, measured by evaluating the
+mask; a cuda op without a GPU dispatches a call by it."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import attnc
+from attnc import mods
+from attnc.schedules.config import KernelConfig
+from attnc.schedules.heuristics import SHORT_LOOP_KEYS, default_config, kept_keys_per_row
+
+TWO_BLOCKS = KernelConfig(block_m=64, block_n=64, stages=2, threads=128)
+D128_MASKED = KernelConfig(block_m=128, block_n=128, stages=2, threads=256)
+
+
+def doc_ids(length: int, docs: int = 8) -> torch.Tensor:
+    return torch.arange(length) * docs // length
+
+
+def test_kept_keys_per_row_counts_the_mask():
+    assert kept_keys_per_row(attnc.Attention(4).ir, 300, 700) == 700
+    causal = kept_keys_per_row(attnc.Attention(4, mask_mod=mods.causal()).ir, 1024, 1024)
+    assert causal == pytest.approx(512.5, rel=0.01)  # 64 rows sampled
+    window = kept_keys_per_row(attnc.Attention(4, mask_mod=mods.sliding_window(100)).ir, 4096, 4096)
+    assert 95 < window <= 101  # the key itself and the 100 before it, fewer in the first rows
+    document = attnc.Attention(4, mask_mod=mods.document(doc_ids(4096)))
+    assert kept_keys_per_row(document.ir, 4096, 4096, document.captured_tensors()) == pytest.approx(512, rel=0.01)
+
+
+def test_kept_keys_per_row_is_unknown_without_the_tensors_the_mask_reads():
+    docs = attnc.Input("docs", (4096,), torch.int64)
+    ir = attnc.Attention(4, mask_mod=lambda b, h, q, kv: docs[q] == docs[kv], inputs=[docs]).ir
+    assert kept_keys_per_row(ir, 4096, 4096) is None
+    assert kept_keys_per_row(ir, 4096, 4096, {"docs": torch.empty(4096, dtype=torch.int64, device="meta")}) is None
+    with FakeTensorMode():
+        fake = torch.zeros(4096, dtype=torch.int64)
+    assert kept_keys_per_row(ir, 4096, 4096, {"docs": fake}) is None
+    assert kept_keys_per_row(ir, 8192, 8192, {"docs": doc_ids(4096)}) is None  # shorter than the call
+    assert kept_keys_per_row(ir, 4096, 4096, {"docs": doc_ids(4096)}) == pytest.approx(512, rel=0.01)
+    bias = torch.randn(4096)  # a tensor only the score reads is not needed
+    scored = attnc.Attention(4, mask_mod=mods.causal(), score_mod=lambda s, b, h, q, kv: s + bias[kv]).ir
+    assert kept_keys_per_row(scored, 64, 64, {}) == pytest.approx(32.5)
+
+
+def test_short_kv_loops_get_the_two_block_forward_on_sm90a_at_head_dim_128():
+    ir = attnc.Attention(8, qk_dim=128, mask_mod=mods.causal()).ir
+    assert default_config("fwd", "sm_90a", ir, "bfloat16") == D128_MASKED  # unknown: the long-loop default
+    assert default_config("fwd", "sm_90a", ir, "bfloat16", SHORT_LOOP_KEYS) == TWO_BLOCKS
+    assert default_config("fwd", "sm_90a", ir, "bfloat16", SHORT_LOOP_KEYS + 1) == D128_MASKED
+    d64 = attnc.Attention(8, qk_dim=64, mask_mod=mods.causal()).ir  # not measured there: unchanged
+    assert default_config("fwd", "sm_90a", d64, "bfloat16", 100) == default_config("fwd", "sm_90a", d64, "bfloat16")
+    for family, arch in (("fwd", "sm_80"), ("cpu_fwd", "cpu")):
+        assert default_config(family, arch, ir, "bfloat16", 100) == default_config(family, arch, ir, "bfloat16")
+
+
+def test_a_cuda_op_without_a_gpu_dispatches_by_the_keys_a_row_keeps():
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, dispatch reads the tuning database first")
+    document = attnc.compile(attnc.Attention(8, qk_dim=128, mask_mod=mods.document(doc_ids(4096)) & mods.causal()),
+                             target="cuda")
+    assert document.config_for(torch.bfloat16, 2, 4096, 4096) == (TWO_BLOCKS, "heuristic")
+    causal = attnc.compile(attnc.Attention(8, qk_dim=128, mask_mod=mods.causal()), target="cuda")
+    assert causal.config_for(torch.bfloat16, 2, 1024, 1024) == (TWO_BLOCKS, "heuristic")
+    assert causal.config_for(torch.bfloat16, 2, 4096, 4096) == (D128_MASKED, "heuristic")
