@@ -164,6 +164,26 @@ def test_example_specs_gradients(path):
         check_cpu(op, q_len, kv_len, batch=1, given=loaded.inputs(q_len, kv_len, seed=0))
 
 
+def test_gradcheck_on_a_tiny_shape():
+    """torch.autograd.gradcheck of out and lse with respect to q, k, v, a learned bias table and sinks (GQA, causal,
+    softcap over a relative bias). The cpu target computes in float32: the wrapper takes and returns float64, and
+    the tolerances allow float32's rounding in the finite differences."""
+    table = torch.randn(2, 13, generator=torch.Generator().manual_seed(0)) * 0.5
+    spec = attnc.Attention(2, 1, qk_dim=8, sinks=True, mask_mod=mods.causal(), score_mod=lambda s, b, h, q, k:
+                           mods.softcap(5)(mods.relative_bias(table)(s, b, h, q, k), b, h, q, k))
+    op = attnc.compile(spec, target="cpu")
+
+    def attention(q, k, v, table, sinks):
+        out, lse = op(q.float(), k.float(), v.float(), table=table.float(), sinks=sinks.float(), return_lse=True)
+        return out.double(), lse.double()
+
+    generator = torch.Generator().manual_seed(1)
+    shapes = [(1, 5, 2, 8), (1, 7, 1, 8), (1, 7, 1, 8)]
+    args = [torch.randn(s, dtype=torch.float64, generator=generator) for s in shapes]
+    args += [table.double(), torch.randn(2, dtype=torch.float64, generator=generator)]
+    assert torch.autograd.gradcheck(attention, [a.requires_grad_() for a in args], eps=1e-3, atol=2e-3, rtol=2e-2)
+
+
 def test_fully_masked_rows_get_zero_gradients_and_no_nan(ops):
     op = ops("input_bias_masked_rows")
     got, want = check_cpu(op, 17, 17)
