@@ -1,8 +1,8 @@
 """Train a tiny decoder with attnc's attention and with torch SDPA side by side, from the same init and data.
 
 The task: copy (or ``--task reverse``) a sequence of 15 random digits (``BOS x1..x15 SEP x1..x15``, 32 tokens; the
-loss is on the second half). Both models are 2 layers, d_model 64, 4 causal heads (head dim 16); they differ only in
-the attention call. Every 25 steps the script prints both loss curves, and, at the attnc model's current weights,
+loss is on the second half). Both models are 2 layers, d_model 128, 2 causal heads of head dim 64 (one the CUDA
+kernels serve); they differ only in the attention call. Every 25 steps the script prints both loss curves, and, at the attnc model's current weights,
 the difference of the loss and the max relative difference of the gradients that the two attentions give.
 
 The curves agree to float32 rounding (1e-7) for most of the run; where the model learns the task quickly (the
@@ -36,6 +36,7 @@ except ModuleNotFoundError:  # run from a source checkout: python examples/train
 VOCAB, DIGITS, BOS, SEP = 12, 10, 10, 11
 HALF = 15
 SEQ = 2 * HALF + 2
+D_MODEL, HEADS = 128, 2  # head dim 64
 
 
 class Block(nn.Module):
@@ -55,7 +56,7 @@ class Block(nn.Module):
 
 
 class TinyDecoder(nn.Module):
-    def __init__(self, attend, d_model: int = 64, heads: int = 4, layers: int = 2):
+    def __init__(self, attend, d_model: int = D_MODEL, heads: int = HEADS, layers: int = 2):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, d_model)
         self.pos = nn.Parameter(torch.randn(SEQ, d_model) * 0.02)
@@ -72,7 +73,7 @@ class TinyDecoder(nn.Module):
 
 def attnc_attention(target: str):
     """q, k, v (batch, seq, heads, dim) -> attention through attnc's compiled causal op."""
-    op = attnc.compile(attnc.Attention(4, qk_dim=16, mask_mod=attnc.mods.causal()), target=target)
+    op = attnc.compile(attnc.Attention(HEADS, qk_dim=D_MODEL // HEADS, mask_mod=attnc.mods.causal()), target=target)
     dtype = torch.float32 if op.target.kind == "cpu" else torch.bfloat16
 
     def attend(q, k, v):

@@ -405,6 +405,8 @@ def test_train_tiny_runs_and_agrees_with_sdpa():
     finally:
         torch.set_num_threads(threads)
     assert result["max_diff"] < 1e-4 and result["max_same_weights_grad_diff"] < 1e-4
+    _, op = module.attnc_attention(Target("cuda", "sm_90a"))  # its head dim is one the CUDA kernels serve
+    assert op.target.kind == "cuda" and op.ir.qk_dim == 64
 
 
 # GPU (marker `gpu`): the same checks in bf16/fp16 by DESIGN.md's rule, head dims 64, 128, 256, 192/128, and
