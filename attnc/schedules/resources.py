@@ -378,8 +378,8 @@ def check(
         reasons.append("decode packs the q heads of a kv group into block_m rows: pack_gqa must be True when group > 1")
     if family != "decode" and config.split != 1:
         reasons.append(f"split {config.split}: only the decode template splits the key range (split must be 1)")
-    if family == "bwd" and config.pack_gqa:
-        reasons.append("pack_gqa: the backward template does not pack GQA heads")
+    if family in ("fwd", "bwd") and config.pack_gqa:  # one block per q head: a packed config would be ignored
+        reasons.append(f"pack_gqa: the {family} template does not pack GQA heads (one block per q head)")
     if config.pack_gqa and group == 1:
         reasons.append("pack_gqa needs group > 1 (several q heads per kv head)")
 

@@ -216,8 +216,10 @@ def test_head_dims_and_options_validated():
     split = KernelConfig(block_m=64, block_n=64, stages=2, threads=128, split=2)
     assert any("only the decode template splits" in r for r in check("fwd", "sm_80", split, **D128))
     packed = KernelConfig(block_m=64, block_n=64, stages=2, threads=128, pack_gqa=True)
-    assert any("group > 1" in r for r in check("fwd", "sm_80", packed, **D128))
-    assert check("fwd", "sm_80", packed, group=4, **D128) == []
+    assert any("group > 1" in r for r in check("decode", "sm_80", packed, **D128))
+    assert check("decode", "sm_80", packed, group=4, **D128) == []
+    for family in ("fwd", "bwd"):  # their templates run one block per q head
+        assert any("does not pack GQA heads" in r for r in check(family, "sm_80", packed, group=4, **D128))
     assert any("must be True" in r for r in check("decode", "sm_80", cfg, group=4, **D128))
 
 
