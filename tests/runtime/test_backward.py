@@ -222,14 +222,15 @@ def test_integer_and_frozen_inputs_get_no_gradient(ops):
     assert frozen.grad is None and v.grad is not None
 
 
-def test_torch_compile_fullgraph_forward_and_backward(ops):
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_forward_and_backward(ops, backend):
     op = ops("alibi_prefix_sinks")
 
     def loss(q, k, v, slopes, sinks):
         out, lse = op(q, k, v, slopes=slopes, sinks=sinks, return_lse=True)
         return out.square().sum() + lse.sum()
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(loss, fullgraph=True, backend=backend)
     for length in (24, 40):
         q, k, v = draw(op.ir, 2, length, length, torch.float32)
         args = [t.requires_grad_() for t in (q, k, v, SLOPES.clone(), torch.randn(4))]

@@ -76,11 +76,12 @@ def test_captured_tensor_can_be_overridden_per_call():
     check(op, q, k, v, doc_ids=torch.randint(0, 4, (20,)).sort().values)
 
 
-def test_torch_compile_fullgraph_traces_through_the_op():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_traces_through_the_op(backend):
     spec = attnc.Attention(4, 2, qk_dim=16, mask_mod=attnc.mods.sliding_window(8),
                            score_mod=attnc.mods.relative_bias(torch.randn(4, 101)))
     op = attnc.compile(spec, target="cpu")
-    fn = torch.compile(lambda q, k, v: op(q, k, v) * 2 + 1, fullgraph=True, backend="aot_eager")
+    fn = torch.compile(lambda q, k, v: op(q, k, v) * 2 + 1, fullgraph=True, backend=backend)
     for length in (24, 40):
         q, k, v = torch.randn(1, length, 4, 16), torch.randn(1, length, 2, 16), torch.randn(1, length, 2, 16)
         torch.testing.assert_close(fn(q, k, v), op(q, k, v) * 2 + 1)
@@ -123,3 +124,13 @@ def test_dtype_is_a_torch_dtype_or_its_name_and_a_wrong_one_is_named():
     with pytest.raises(attnc.errors.InputError, match=r"dtype: the cuda target computes in bfloat16, float16; got "
                                                       r"torch.float32"):
         attnc.compile(attnc.Attention(2, qk_dim=64), target="cuda").build(torch.float32)
+
+
+def test_target_auto_is_the_cpu_without_a_gpu_and_the_gpus_architecture_with_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert attnc.compile(attnc.Attention(4, qk_dim=16)).target.kind == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, arch in (((9, 0), "sm_90a"), ((8, 6), "sm_80")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_, c=capability: c)
+        target = attnc.compile(attnc.Attention(4, qk_dim=64)).target
+        assert (target.kind, target.arch) == ("cuda", arch)
