@@ -6,7 +6,7 @@ import torch
 
 import attnc
 from attnc.bench import report
-from attnc.bench.cases import forward_cases
+from attnc.bench.cases import backward_cases, forward_cases
 from attnc.schedules.timing import unmasked_elements
 
 
@@ -24,6 +24,20 @@ def test_unmasked_elements_counts_exactly():
 def test_exact_count_of_a_long_causal_mask():
     causal = attnc.Attention(1, mask_mod=attnc.mods.causal()).ir
     assert unmasked_elements(causal, 1, 3000, 3000, {}, sample_rows=None) == 3000 * 3001 // 2
+
+
+def test_the_cases_are_the_issues_list():
+    """Dense causal and non-causal at 1k, 4k, 16k (head dim 128) and 4k (64), GQA 32/8, windows 1k and 4k, a document
+    mask, prefix-LM, ALiBi, softcap 30 both ways; the backward adds a learned relative bias."""
+    names = [c.name for c in forward_cases()]
+    for seq in ("S1k", "S4k", "S16k"):
+        assert {f"non-causal d128 {seq}", f"causal d128 {seq}"} <= set(names)
+    assert {"non-causal d64 S4k", "causal d64 S4k", "causal d128 S4k GQA 32/8", "sliding window 1k S4k",
+            "sliding window 4k S16k", "prefix-LM 1k S4k", "ALiBi, causal S4k", "softcap 30, causal S4k",
+            "softcap 30, non-causal S4k"} <= set(names)
+    assert any(n.startswith("document") for n in names)
+    assert [c.name for c in backward_cases()] == names + ["relative bias, causal S4k"]
+    assert all(c.seq == 4096 and c.dim == 128 for c in forward_cases(quick=True))
 
 
 def test_cases_build_specs_and_flex_mods_that_agree():

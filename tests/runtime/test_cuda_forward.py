@@ -195,7 +195,8 @@ def test_example_matches_the_reference_on_the_gpu(gpu_ops, name, q_len, kv_len, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("q_len, kv_len", [(17, 17), (1000, 1000), (4096, 4096), (1000, 333), (333, 1000)])
+@pytest.mark.parametrize("q_len, kv_len", [(1, 1), (17, 17), (1000, 1000), (4096, 4096), (8192, 8192), (1000, 333),
+                                           (333, 1000)])
 @pytest.mark.parametrize("dims", HEAD_DIMS, ids=lambda d: f"d{d[0]}_{d[1]}")
 @pytest.mark.parametrize("name", ["causal_gqa", "softcap_window_sinks", "alibi_prefix", "relative_bias_chunked"])
 def test_every_head_dim_matches_the_reference_on_the_gpu(gpu_ops, name, dims, q_len, kv_len, dtype):
