@@ -42,22 +42,22 @@ def _inputs(case: Case, dtype: torch.dtype, sets: int, grad: bool):
             [make(case.kv_heads) for _ in range(sets)])
 
 
-def _prebuild(cases: list[Case], dtype: torch.dtype, backward: bool, default_too: bool, workers: int = 16) -> None:
-    """Build attnc's kernels for every case in parallel processes first; the timed loop then loads them from disk."""
+def _prebuild(cases: list[Case], dtype: torch.dtype, backward: bool, workers: int = 16) -> None:
+    """Build attnc's kernels for every case in parallel processes first: the config a call dispatches to and every
+    default one (what ``attnc.compile(..., dtype=...)`` builds); the timed loop then loads them from disk."""
     import functools
 
     import attnc
     from attnc.runtime import autograd
     from attnc.runtime.kernels import KERNEL_DTYPES, Kernel, build_in_parallel
-    from attnc.schedules.heuristics import kept_keys_per_row
+    from attnc.schedules.heuristics import default_configs
 
     device = torch.device("cuda")
     ops = [(case, attnc.compile(case.spec(device), target="cuda")) for case in cases]
     jobs = []
     for case, op in ops:
-        configs = {op.config_for(dtype, case.batch, case.seq, case.seq)[0]}
-        if default_too:
-            configs.add(op.config(dtype, kept_keys_per_row(op.ir, case.seq, case.seq, op.spec.captured_tensors())))
+        configs = {op.config_for(dtype, case.batch, case.seq, case.seq)[0],
+                   *default_configs(op.family, op.target.arch, op.ir, KERNEL_DTYPES[dtype])}
         jobs += [functools.partial(Kernel.render, "fwd", op.ir, config, KERNEL_DTYPES[dtype], op.target)
                  for config in configs]
     build_in_parallel(jobs, min(workers, len(jobs)))
@@ -124,7 +124,7 @@ def run(cases: list[Case], peers: list[str], *, backward: bool = False, dtype: t
             tuned = tune_cases(cases, dtype, tune_budget_s, tune_candidates, log)
             peers = [p for p in peers if p != "attnc_default"]
             peers.insert(peers.index("attnc") + 1, "attnc_default")
-        _prebuild(cases, dtype, backward, default_too="attnc_default" in peers)
+        _prebuild(cases, dtype, backward)
     first_call = first_calls(cases, log) if tune else {}
     results = []
     for case in cases:

@@ -21,7 +21,7 @@ from attnc.runtime.support import check_supported
 from attnc.runtime.validate import IndexBounds, Shapes, check_extras, check_qkv, check_sinks
 from attnc.schedules import tuner
 from attnc.schedules.config import KernelConfig
-from attnc.schedules.heuristics import default_config
+from attnc.schedules.heuristics import default_config, default_configs
 
 TARGET_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float16)}
 
@@ -111,19 +111,29 @@ class CompiledAttention:
     def kernel(self, dtype: torch.dtype, config: KernelConfig | None = None) -> Kernel:
         """The forward kernel for ``dtype`` and ``config`` (default: `config`), rendered (not built) on first
         request."""
-        if dtype not in TARGET_DTYPES[self.target.kind]:
-            names = ", ".join(str(d).replace("torch.", "") for d in TARGET_DTYPES[self.target.kind])
-            raise InputError(f"dtype: the {self.target.kind} target computes in {names}; got {dtype!r}")
+        self._check_dtype(dtype)
         config = config or self.config(dtype)
         if (dtype, config) not in self._kernels:
             self._kernels[dtype, config] = Kernel.render(self.family, self.ir, config, KERNEL_DTYPES[dtype],
                                                          self.target)
         return self._kernels[dtype, config]
 
+    def _check_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if dtype not in TARGET_DTYPES[self.target.kind]:
+            names = ", ".join(str(d).replace("torch.", "") for d in TARGET_DTYPES[self.target.kind])
+            raise InputError(f"dtype: the {self.target.kind} target computes in {names}; got {dtype!r}")
+        return dtype
+
     def build(self, dtype: torch.dtype | str | None = None) -> CompiledAttention:
-        """Build the kernel for ``dtype`` (a torch dtype or a name: "bf16", "float16", ...) now (default: the target's
-        first dtype) instead of on first call."""
-        self.kernel(parse_dtype(dtype) if dtype is not None else TARGET_DTYPES[self.target.kind][0]).build()
+        """Build now, instead of on first call, the kernels calls in ``dtype`` (a torch dtype or a name: "bf16",
+        "float16", ...; default: the target's first dtype) may run: compile's ``config``, else every config the
+        default heuristic gives (one for long kv loops, one for short loops where they differ). Configs from the
+        tuning database are built when a call dispatches to them."""
+        dtype = self._check_dtype(parse_dtype(dtype) if dtype is not None else TARGET_DTYPES[self.target.kind][0])
+        configs = [self._config] if self._config is not None else default_configs(
+            self.family, self.target.arch or "cpu", self.ir, KERNEL_DTYPES[dtype])
+        for config in configs:
+            self.kernel(dtype, config).build()
         return self
 
     def prepare(self, q, k, v, inputs: Mapping[str, torch.Tensor], sinks) -> tuple[Shapes, list[torch.Tensor]]:
@@ -270,8 +280,8 @@ def compile(spec: Attention, *, target: str | Target = "auto", config: KernelCon
         spec: the `attnc.Attention` to compile.
         target: ``"auto"`` (default: cuda when a GPU is present, else cpu), ``"cpu"`` or ``"cuda"``.
         config: a `KernelConfig` to use instead of the default heuristic (default: None).
-        dtype: build the kernel for this dtype (a torch dtype or a name: "bf16", "float16", ...) now rather than on
-            first call (default: None, lazily).
+        dtype: build the kernels for this dtype (a torch dtype or a name: "bf16", "float16", ...) now rather than on
+            first call (default: None, lazily); see `CompiledAttention.build`.
         deterministic: the backward computes dQ without atomics, so gradients are the same bits on every run
             (default: False: dQ accumulates with atomics, faster). See `attnc.runtime.autograd`.
         tune: autotune the forward kernel per shape bucket (default: False: tuning database entries are used where

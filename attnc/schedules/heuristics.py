@@ -75,6 +75,12 @@ def default_config(family: str, arch: str, ir: AttentionIR, dtype: str,
     return KernelConfig(block_m=128, block_n=128, stages=2, threads=256)
 
 
+def default_configs(family: str, arch: str, ir: AttentionIR, dtype: str) -> tuple[KernelConfig, ...]:
+    """Every config `default_config` may give a call of this kernel: long kv loops' (and unknown ones') first, then
+    short ones' when they differ."""
+    return tuple(dict.fromkeys(default_config(family, arch, ir, dtype, keys) for keys in (None, 0.0)))
+
+
 def backward_config(arch: str, ir: AttentionIR, stage: str = "main") -> KernelConfig:
     """The schedule of one backward stage on ``arch`` ('cpu', 'sm_90a', 'sm_80'): ``block_m`` q rows, ``block_n``
     kv rows per tile.

@@ -1,5 +1,5 @@
 """The default schedules: the sm_90a forward's config follows the keys a query row keeps, measured by evaluating the
-mask; a cuda op without a GPU dispatches a call by it."""
+mask; a cuda op without a GPU dispatches a call by it, and building ahead builds every config it may pick."""
 
 import pytest
 import torch
@@ -7,6 +7,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import attnc
 from attnc import mods
+from attnc.codegen.build import Target
+from attnc.runtime.kernels import Kernel
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.heuristics import SHORT_LOOP_KEYS, default_config, kept_keys_per_row
 
@@ -63,3 +65,17 @@ def test_a_cuda_op_without_a_gpu_dispatches_by_the_keys_a_row_keeps():
     causal = attnc.compile(attnc.Attention(8, qk_dim=128, mask_mod=mods.causal()), target="cuda")
     assert causal.config_for(torch.bfloat16, 2, 1024, 1024) == (TWO_BLOCKS, "heuristic")
     assert causal.config_for(torch.bfloat16, 2, 4096, 4096) == (D128_MASKED, "heuristic")
+
+
+def test_building_ahead_builds_every_config_the_heuristic_may_dispatch_to(monkeypatch):
+    built = []
+    monkeypatch.setattr(Kernel, "build", lambda self: built.append(self.config) or self)
+    attnc.compile(attnc.Attention(8, qk_dim=128, mask_mod=mods.causal()), target=Target("cuda", "sm_90a")).build()
+    assert built == [D128_MASKED, TWO_BLOCKS]
+    built.clear()
+    attnc.compile(attnc.Attention(8, qk_dim=64, mask_mod=mods.causal()), target=Target("cuda", "sm_90a")).build()
+    assert len(built) == 1  # one config at head dim 64
+    built.clear()
+    pinned = KernelConfig(block_m=64, block_n=128, stages=2, threads=128)
+    attnc.compile(attnc.Attention(8, qk_dim=128), target=Target("cuda", "sm_90a"), config=pinned).build()
+    assert built == [pinned]
