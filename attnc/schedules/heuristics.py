@@ -42,13 +42,12 @@ def kept_keys_per_row(ir: AttentionIR, q_len: int, kv_len: int,
                       inputs: Mapping[str, torch.Tensor] | None = None) -> float | None:
     """The mean number of keys a query row keeps in a call of these lengths (batch 0, every q head), from the mask
     evaluated on `KEYS_SAMPLE_ROWS` rows with the tensors it reads from ``inputs``; None when ``inputs`` lacks one
-    of them (or holds no data: a fake tensor while tracing) or one too short for these lengths."""
+    of them or holds one too short for these lengths."""
     if q_len < 1 or kv_len < 1:
         return None
     tensors = dict(inputs or {})
-    for name in {str(read.base.label) for read in sympy.sympify(ir.mask).atoms(sympy.Indexed)}:
-        if name not in tensors or tensors[name].is_meta or isinstance(tensors[name], torch._subclasses.FakeTensor):
-            return None
+    if any(str(read.base.label) not in tensors for read in sympy.sympify(ir.mask).atoms(sympy.Indexed)):
+        return None
     try:
         kept = unmasked_elements(ir, 1, q_len, kv_len, tensors, sample_rows=KEYS_SAMPLE_ROWS)
     except IndexError:  # the tensors are shorter than these lengths: a call of them would be refused anyway
