@@ -16,7 +16,8 @@ class KernelConfig:
 
     block_m: query rows per tile; block_n: key rows per tile; stages: software-pipeline depth of the K/V loads;
     threads: threads per block (CUDA) — ignored by the CPU template; pack_gqa: one block serves all q heads of a
-    kv group (``block_m`` rows spread over them); split: kv splits for decode kernels (1 = none).
+    kv group (``block_m`` rows spread over them; the decode family's layout: the forward and backward templates
+    run one block per q head and refuse it); split: kv splits for decode kernels (1 = none).
     """
 
     block_m: int = 64
