@@ -208,6 +208,13 @@ def cmd_show(args) -> int:
     _print(f"\n== kernel ==\n{kernel.key}\n  family {kernel.family}, target {target.label}, dtype {dtype_label(dtype)}, "
            f"config {kernel.config.short()} ({source}, for batch {args.batch}, q_len {q_len}, kv_len {kv_len})\n"
            f"  {kernel.config}\n  source file {kernel.source_path}")
+    if target.arch == "sm_90a":
+        from attnc.schedules.resources import consumer_regs, forward_blocks_per_sm
+
+        blocks = forward_blocks_per_sm(kernel.config, qk_dim=loaded.spec.ir.qk_dim, v_dim=loaded.spec.ir.v_dim)
+        _print(f"  launch: {blocks} block{'s' if blocks > 1 else ''} per SM, a producer warpgroup and "
+               f"{kernel.config.threads // 128} consumer warpgroup{'s' if kernel.config.threads > 128 else ''} at "
+               f"{consumer_regs(kernel.config.threads, blocks)} registers a thread")
     _print(f"\n== tile map ==\n{kernel.tilemap}")
     _print(f"  q_len {q_len}, kv_len {kv_len} (█ full, ░ partial, · skipped):")
     for row in kernel.tilemap.grid(q_len, kv_len):

@@ -94,6 +94,21 @@ def test_show_cuda_lowers_for_the_arch_without_a_gpu(capsys, arch):
     assert f"== CUDA source ({arch}) ==" in out
     assert "__global__" in out.split("== CUDA source")[1]
     assert f"fwd_bfloat16_d64_{arch.replace('_', '')}_" in out
+    launch = "launch: 1 block per SM, a producer warpgroup and 3 consumer warpgroups at 160 registers a thread"
+    assert (launch in out) == (arch == "sm_90a")
+
+
+def test_show_cuda_names_the_short_loop_config_and_its_two_blocks_per_sm(tmp_path, capsys):
+    needs_cuda_build()
+    path = write(tmp_path, "window.py", """
+        import attnc
+        spec = attnc.Attention(8, qk_dim=128, mask_mod=attnc.mods.sliding_window(256))
+    """)
+    assert cli.main(["show", path, "--target", "cuda", "--arch", "sm_90a", "--q-len", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "config m64n64s2t128 (heuristic, for batch 2, q_len 4096, kv_len 4096)" in out
+    assert "launch: 2 blocks per SM, a producer warpgroup and 1 consumer warpgroup at 232 registers a thread" in out
+    assert "__launch_bounds__(256, 2)" in out
 
 
 def test_show_cuda_rejects_a_head_dim_it_cannot_serve(tmp_path, capsys):

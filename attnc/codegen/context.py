@@ -113,7 +113,6 @@ class KernelContext:
     block_n: int
     stages: int
     threads: int
-    pack_gqa: bool
     arch: str = ""  # "sm_90a" / "sm_80" for cuda families, "" for the cpu
     warp_specialized: bool = False  # sm_90a: producer warpgroup + consumer warpgroups (``threads`` consumers)
     blocks_per_sm: int = 1  # sm_90a: blocks one SM is built to hold (`resources.forward_blocks_per_sm`)
@@ -189,7 +188,6 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
         block_n=config.block_n,
         stages=config.stages,
         threads=config.threads,
-        pack_gqa=config.pack_gqa,
         arch=arch,
         warp_specialized=arch == "sm_90a",
         blocks_per_sm=blocks_per_sm,
