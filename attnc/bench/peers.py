@@ -65,14 +65,14 @@ def _attnc(case: Case, qs, ks, vs, default: bool = False):
     (timed beside the tuned op by ``attnc bench --tune``)."""
     from attnc.runtime.compiled import resolve_target
     from attnc.runtime.kernels import KERNEL_DTYPES
-    from attnc.schedules.heuristics import default_config, kept_keys_per_row
+    from attnc.schedules.heuristics import call_config
 
     device, dtype = qs[0].device, qs[0].dtype
     spec = case.spec(device)
     config = None
     if default:
-        keys_per_row = kept_keys_per_row(spec.ir, case.seq, case.seq, spec.captured_tensors())
-        config = default_config("fwd", resolve_target("cuda").arch, spec.ir, KERNEL_DTYPES[dtype], keys_per_row)
+        config = call_config("fwd", resolve_target("cuda").arch, spec.ir, KERNEL_DTYPES[dtype], case.seq, case.seq,
+                             spec.captured_tensors())
     start = time.perf_counter()
     op = attnc.compile(spec, target="cuda", dtype=dtype, config=config)
     block_mask = None

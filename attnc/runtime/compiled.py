@@ -76,12 +76,12 @@ class CompiledAttention:
         self._classifiers: dict[tuple[int, int], BlockMaskKernel] = {}
         self.op_id = custom_op.register(self)
 
-    def config(self, dtype: torch.dtype, keys_per_row: float | None = None) -> KernelConfig:
-        """compile's ``config``, else the default heuristic's for ``dtype`` and ``keys_per_row`` (the mean keys a
-        query row of the call keeps: `heuristics.kept_keys_per_row`; None, as when building ahead: unknown)."""
+    def config(self, dtype: torch.dtype) -> KernelConfig:
+        """compile's ``config``, else the default heuristic's for ``dtype`` at an unknown loop length (calls dispatch
+        through `config_for`, which knows theirs)."""
         if self._config is not None:
             return self._config
-        return default_config(self.family, self.target.arch or "cpu", self.ir, KERNEL_DTYPES[dtype], keys_per_row)
+        return default_config(self.family, self.target.arch or "cpu", self.ir, KERNEL_DTYPES[dtype])
 
     def config_for(self, dtype: torch.dtype, batch: int, q_len: int, kv_len: int,
                    inputs: Mapping[str, torch.Tensor] | None = None) -> tuple[KernelConfig, str]:

@@ -80,6 +80,16 @@ def default_configs(family: str, arch: str, ir: AttentionIR, dtype: str) -> tupl
     return tuple(dict.fromkeys(default_config(family, arch, ir, dtype, keys) for keys in (None, 0.0)))
 
 
+def call_config(family: str, arch: str, ir: AttentionIR, dtype: str, q_len: int, kv_len: int,
+                inputs: Mapping[str, torch.Tensor] | None = None) -> KernelConfig:
+    """`default_config` for a call of these lengths (``inputs``: the tensors the mask reads). The mask is evaluated
+    (`kept_keys_per_row`) only where the default depends on the loop length."""
+    keys = None
+    if len(default_configs(family, arch, ir, dtype)) > 1:
+        keys = kept_keys_per_row(ir, q_len, kv_len, inputs)
+    return default_config(family, arch, ir, dtype, keys)
+
+
 def backward_config(arch: str, ir: AttentionIR, stage: str = "main") -> KernelConfig:
     """The schedule of one backward stage on ``arch`` ('cpu', 'sm_90a', 'sm_80'): ``block_m`` q rows, ``block_n``
     kv rows per tile.

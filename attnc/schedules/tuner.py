@@ -531,13 +531,15 @@ def lookup_or_tune(op, dtype: torch.dtype, *, batch: int, q_len: int, kv_len: in
     call's sizes; a tuning that fails is logged and the heuristic is used. Without a visible GPU a cuda op (built
     ahead of time) gets the heuristic: the database is keyed by the GPU.
     """
-    from attnc.schedules.heuristics import backward_config, kept_keys_per_row
+    from attnc.runtime.kernels import KERNEL_DTYPES
+    from attnc.schedules.heuristics import backward_config, call_config
 
     def heuristic() -> KernelConfig:
+        arch = op.target.arch or "cpu"
         if backward:
-            return backward_config(op.target.arch or "cpu", op.ir)
+            return backward_config(arch, op.ir)
         tensors = {**op.spec.captured_tensors(), **(inputs if isinstance(inputs, Mapping) else {})}
-        return op.config(dtype, kept_keys_per_row(op.ir, q_len, kv_len, tensors))
+        return call_config(op.family, arch, op.ir, KERNEL_DTYPES[dtype], q_len, kv_len, tensors)
 
     if op.target.kind == "cuda" and not torch.cuda.is_available():
         return heuristic(), "heuristic"  # building ahead of time for a GPU elsewhere: nothing to look up

@@ -8,11 +8,13 @@ import attnc
 from attnc import mods
 from attnc.codegen.build import Target
 from attnc.runtime.kernels import Kernel
+from attnc.schedules import heuristics
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.heuristics import SHORT_LOOP_KEYS, default_config, kept_keys_per_row
 
 TWO_BLOCKS = KernelConfig(block_m=64, block_n=64, stages=2, threads=128)
 D128_MASKED = KernelConfig(block_m=128, block_n=128, stages=2, threads=256)
+DEFAULT_CPU = KernelConfig(block_m=16, block_n=32, stages=1, threads=1)
 
 
 def doc_ids(length: int, docs: int = 8) -> torch.Tensor:
@@ -74,3 +76,16 @@ def test_building_ahead_builds_every_config_the_heuristic_may_dispatch_to(monkey
     pinned = KernelConfig(block_m=64, block_n=128, stages=2, threads=128)
     attnc.compile(attnc.Attention(8, qk_dim=128), target=Target("cuda", "sm_90a"), config=pinned).build()
     assert built == [pinned]
+
+
+def test_a_calls_config_evaluates_the_mask_only_where_the_default_depends_on_it(monkeypatch):
+    evaluated = []
+    monkeypatch.setattr(heuristics, "kept_keys_per_row", lambda *args: evaluated.append(args) or 100.0)
+    d128 = attnc.Attention(8, qk_dim=128, mask_mod=mods.causal()).ir
+    d64 = attnc.Attention(8, qk_dim=64, mask_mod=mods.causal()).ir
+    assert heuristics.call_config("cpu_fwd", "cpu", d128, "float32", 4096, 4096) == DEFAULT_CPU
+    assert heuristics.call_config("fwd", "sm_90a", d64, "bfloat16", 4096, 4096) == default_config(
+        "fwd", "sm_90a", d64, "bfloat16")
+    assert not evaluated
+    assert heuristics.call_config("fwd", "sm_90a", d128, "bfloat16", 4096, 4096) == TWO_BLOCKS
+    assert len(evaluated) == 1
