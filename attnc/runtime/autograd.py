@@ -19,7 +19,8 @@ Kernels, per (compiled op, dtype, gradients wanted, dQ mode):
   per tile) and ``post`` converts it, or
   ``dq_mode="separate"``: a ``dq`` kernel per q tile over the forward's tile map, no atomics.
   ``attnc.compile(..., deterministic=True)`` selects ``separate``: dQ, dK, dV and dsinks are then the same bits on
-  every run; gradients of captured tensors accumulate with atomics, so deterministic mode refuses to compute them.
+  every run. The kernel adds gradients of captured tensors with atomics; deterministic mode leaves them out of the
+  kernel and computes them with torch in a fixed order (`attnc.runtime.tensor_gradients`, slower).
   Otherwise ``atomic`` is the default (FlashAttention-2's choice); to time the other, set
   ``op.backward_dq_mode = "separate"`` on a compiled op (or pass ``dq_mode`` to `backward_for`).
 
@@ -52,6 +53,7 @@ from attnc.errors import UnsupportedError
 from attnc.runtime import custom_op
 from attnc.runtime.blockmask import STAGE_TENSORS, classify, compact, compact_by_kv_tile
 from attnc.runtime.kernels import KERNEL_DTYPES, BlockMaskKernel, BuiltKernel
+from attnc.runtime.tensor_gradients import tensor_gradients
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.heuristics import backward_config
 from attnc.schedules.resources import bwd_dq_staged
@@ -257,9 +259,9 @@ def backward_for(op, dtype: torch.dtype, grads: tuple[str, ...], dq_mode: str | 
     if deterministic and grads and op.target.kind == "cuda":
         listing = ", ".join(f"`{g}`" for g in grads)
         raise UnsupportedError(
-            f"deterministic=True cannot compute the gradients of {listing}: captured-tensor gradients accumulate "
-            "with atomics on cuda, whose order varies between runs. Compile with deterministic=False, or detach "
-            "those tensors (or stop them requiring grad).")
+            f"a deterministic cuda backward kernel cannot compute the gradients of {listing}: the kernel adds "
+            "captured-tensor gradients with atomics, whose order varies between runs (the op's backward computes "
+            "them with attnc.runtime.tensor_gradients instead)")
     config = config or backward_config(op.target.arch or "cpu", op.ir)
     key = (op.op_id, dtype, grads, dq_mode, config)
     if key not in _BACKWARDS:
@@ -281,10 +283,13 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
     ir = op.ir
     names = [t.name for t in ir.inputs]
     differentiable = _differentiable_inputs(ir)
+    in_torch = ()  # gradients computed with torch, not by the kernel
     if op.target.kind == "cpu":  # computing every gradient costs little there, and keeps one kernel per spec
         grads = tuple(n for n in names if n in differentiable)
-    else:  # cuda: only the gradients asked for, each costs atomics
+    else:  # cuda: only the gradients asked for, each costs atomics (deterministic: computed in torch instead)
         grads = tuple(names[i] for i in wanted if i < len(names) and names[i] in differentiable)
+        if op.deterministic:
+            grads, in_torch = (), grads
     if block_lists:  # a block mask made ahead: the backward runs with the config its lists were made for
         config = KernelConfig(**json.loads(block_config)["backward"])
     else:
@@ -292,6 +297,8 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tenso
                                            k.shape[1 if ir.layout == "bshd" else 2])
     dq, dk, dv, dinputs, dsinks = backward_for(op, q.dtype, grads, config=config).run(
         q, k, v, list(extras), out, lse, dout.contiguous(), dlse, list(block_lists))
+    if in_torch:
+        dinputs = tensor_gradients(ir, q, k, v, dict(zip(names, extras)), out, lse, dout, dlse, in_torch)
     result = []
     for i in wanted:
         if i == len(names):

@@ -282,8 +282,9 @@ def compile(spec: Attention, *, target: str | Target = "auto", config: KernelCon
         config: a `KernelConfig` to use instead of the default heuristic (default: None).
         dtype: build the kernels for this dtype (a torch dtype or a name: "bf16", "float16", ...) now rather than on
             first call (default: None, lazily); see `CompiledAttention.build`.
-        deterministic: the backward computes dQ without atomics, so gradients are the same bits on every run
-            (default: False: dQ accumulates with atomics, faster). See `attnc.runtime.autograd`.
+        deterministic: the backward computes dQ without atomics, and on cuda the gradients of captured tensors with
+            torch in a fixed order (`attnc.runtime.tensor_gradients`, slower), so gradients are the same bits on
+            every run (default: False: atomics, faster). See `attnc.runtime.autograd`.
         tune: autotune the forward kernel per shape bucket (default: False: tuning database entries are used where
             present, the default heuristic elsewhere). With True, every bucket without a database entry is tuned
             (`attnc.schedules.tuner.tune`) and recorded: those of ``tune_shapes`` now, any other on its first call

@@ -254,7 +254,8 @@ def test_deterministic_option_and_its_limits(ops):
     cuda = attnc.compile(attnc.Attention(8, qk_dim=64, score_mod=mods.relative_bias(torch.randn(8, 255))),
                          target=Target("cuda", "sm_90a"), deterministic=True)
     assert backward_for(cuda, torch.bfloat16, ()).dq_mode == "separate"
-    with pytest.raises(UnsupportedError, match="deterministic=True cannot compute the gradients of `table`"):
+    with pytest.raises(UnsupportedError, match="deterministic cuda backward kernel cannot compute the gradients "
+                                               "of `table`"):
         backward_for(cuda, torch.bfloat16, ("table",))
 
 
@@ -477,11 +478,12 @@ def gpu_ops():
     ops.update({("variant", name): attnc.compile(SPECS[name][0](64, 64), target="cuda") for name in SPECS})
     ops["fast"] = attnc.compile(ATOMIC_SPEC, target="cuda")
     ops["exact"] = attnc.compile(ATOMIC_SPEC, target="cuda", deterministic=True)
+    ops["exact_relative"] = attnc.compile(relative_spec(64, 64), target="cuda", deterministic=True)
     forwards, backwards = {}, []
     for key, op in ops.items():
         differentiable = {g.name for g in read_gradients(op.ir)}
-        grads = tuple(t.name for t in op.ir.inputs if t.name in differentiable)
-        for dtype in ([torch.bfloat16] if key in ("fast", "exact") else GPU_DTYPES):
+        grads = () if op.deterministic else tuple(t.name for t in op.ir.inputs if t.name in differentiable)
+        for dtype in ([torch.bfloat16] if key in ("fast", "exact", "exact_relative") else GPU_DTYPES):
             config = op.config_for(dtype, 2, 129, 129)[0]
             forwards[(op.ir.key, dtype)] = functools.partial(Kernel.render, "fwd", op.ir, config,
                                                              KERNEL_DTYPES[dtype], op.target)
@@ -539,3 +541,19 @@ def test_gpu_atomic_and_separate_dq_agree_and_deterministic_mode_repeats_bits(gp
     for a, b in zip(grads[0], grads[1]):
         assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
     assert math.isfinite(float(grads[0][0].float().sum()))
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_mode_computes_a_learned_bias_gradient_in_torch_and_repeats_bits(gpu_ops):
+    """The table's gradient comes from `tensor_gradients` (the kernel would add it with atomics): it matches the
+    reference by the numerics rule, and two runs give the same bits for every gradient."""
+    op = gpu_ops["exact_relative"]
+    check_cuda(op, 300, 300, torch.bfloat16)
+    q, k, v = (t.cuda() for t in draw(op.ir, 2, 300, 300, torch.bfloat16))
+    table = op.spec.captured_tensors()["table"].cuda()
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
+        op(*leaves[:3], table=leaves[3]).float().square().sum().backward()
+        runs.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
