@@ -11,6 +11,7 @@ from typing import Mapping
 import sympy
 import torch
 
+from attnc.dsl import symbols
 from attnc.errors import SpecError
 
 _UNARY = {
@@ -39,6 +40,20 @@ def _floor_division(arg: sympy.Expr, env, tensors, dtype):
     if denominator.is_Integer and numerator.is_integer:
         return torch.div(_as_tensor(evaluate(numerator, env, tensors, dtype)), int(denominator), rounding_mode="floor")
     return torch.floor(_as_tensor(evaluate(arg, env, tensors, dtype)))
+
+
+def index_env(batch: int, heads: int, q_len: int, kv_len: int, device, rows: torch.Tensor | None = None) -> dict:
+    """The index symbols of a (batch, heads, rows, kv_len) block of scores, broadcastable against it: ``b``, ``h``,
+    ``q_idx`` (``rows``, default every query), ``kv_idx``, and the lengths."""
+    rows = torch.arange(q_len, device=device) if rows is None else rows
+    return {
+        symbols.b: torch.arange(batch, device=device).view(-1, 1, 1, 1),
+        symbols.h: torch.arange(heads, device=device).view(1, -1, 1, 1),
+        symbols.q_idx: rows.view(1, 1, -1, 1),
+        symbols.kv_idx: torch.arange(kv_len, device=device).view(1, 1, 1, -1),
+        symbols.q_len: q_len,
+        symbols.kv_len: kv_len,
+    }
 
 
 def evaluate(expr: sympy.Basic, env: Mapping[sympy.Symbol, object], tensors: Mapping[str, torch.Tensor],

@@ -14,7 +14,7 @@ import torch
 
 from attnc.dsl import symbols
 from attnc.dsl.ir import AttentionIR
-from attnc.runtime.evaluate import evaluate
+from attnc.runtime.evaluate import evaluate, index_env
 
 
 def attention_reference(
@@ -38,15 +38,7 @@ def attention_reference(
         v = v.repeat_interleave(ir.group, dim=1)
     scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * ir.scale
     device = q.device
-    env = {
-        symbols.score: scores,
-        symbols.b: torch.arange(batch, device=device).view(-1, 1, 1, 1),
-        symbols.h: torch.arange(heads, device=device).view(1, -1, 1, 1),
-        symbols.q_idx: torch.arange(q_len, device=device).view(1, 1, -1, 1),
-        symbols.kv_idx: torch.arange(kv_len, device=device).view(1, 1, 1, -1),
-        symbols.q_len: q_len,
-        symbols.kv_len: kv_len,
-    }
+    env = {symbols.score: scores, **index_env(batch, heads, q_len, kv_len, device)}
     if ir.has_score_mod:
         scores = torch.as_tensor(evaluate(ir.score, env, inputs, dtype)).to(dtype).expand(batch, heads, q_len, kv_len)
     if ir.has_mask:

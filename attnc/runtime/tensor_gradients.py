@@ -20,7 +20,7 @@ import torch
 from attnc.dsl import symbols
 from attnc.dsl.derivative import read_gradients
 from attnc.dsl.ir import AttentionIR
-from attnc.runtime.evaluate import evaluate
+from attnc.runtime.evaluate import evaluate, index_env
 
 CHUNK_ELEMENTS = 1 << 24
 """Score elements (batch × q heads × rows × kv_len) recomputed at once: about 64 MiB per float32 temporary."""
@@ -55,17 +55,10 @@ def tensor_gradients(ir: AttentionIR, q: torch.Tensor, k: torch.Tensor, v: torch
     grads = {name: torch.zeros(inputs[name].shape, dtype=torch.float32, device=device) for name in names}
     reads = read_gradients(ir, set(names))
     delta = (dout * out).sum(-1) - (dlse.float() if dlse is not None else 0.0)  # (batch, heads, q_len)
-    env = {
-        symbols.b: torch.arange(batch, device=device).view(-1, 1, 1, 1),
-        symbols.h: torch.arange(heads, device=device).view(1, -1, 1, 1),
-        symbols.kv_idx: torch.arange(kv_len, device=device).view(1, 1, 1, -1),
-        symbols.q_len: q_len,
-        symbols.kv_len: kv_len,
-    }
     rows = max(1, CHUNK_ELEMENTS // max(1, batch * heads * kv_len))
     for start in range(0, q_len if reads else 0, rows):
         stop = min(q_len, start + rows)
-        chunk = {**env, symbols.q_idx: torch.arange(start, stop, device=device).view(1, 1, -1, 1)}
+        chunk = index_env(batch, heads, q_len, kv_len, device, torch.arange(start, stop, device=device))
         shape = (batch, heads, stop - start, kv_len)
         chunk[symbols.score] = torch.einsum("bhqd,bhkd->bhqk", q[:, :, start:stop], k) * ir.scale
         scores = torch.as_tensor(evaluate(ir.score, chunk, tensors, torch.float32)).expand(shape)

@@ -150,7 +150,7 @@ def unmasked_elements(
     heads = ir.q_heads
     if not ir.has_mask or batch == 0 or q_len == 0 or kv_len == 0:
         return batch * heads * q_len * kv_len if not ir.has_mask else 0
-    from attnc.runtime.evaluate import evaluate
+    from attnc.runtime.evaluate import evaluate, index_env
 
     tensors = dict(inputs or {})
     device = next((t.device for t in tensors.values()), torch.device("cpu"))
@@ -161,19 +161,12 @@ def unmasked_elements(
         edges = [round(i * q_len / sample_rows) for i in range(sample_rows + 1)]
         rows = torch.tensor([(a + b - 1) // 2 for a, b in itertools.pairwise(edges)], device=device)
         weights = torch.tensor([b - a for a, b in itertools.pairwise(edges)], dtype=torch.float64, device=device)
-    base = {
-        symbols.b: torch.arange(batch, device=device).view(-1, 1, 1, 1),
-        symbols.h: torch.arange(heads, device=device).view(1, -1, 1, 1),
-        symbols.kv_idx: torch.arange(kv_len, device=device).view(1, 1, 1, -1),
-        symbols.q_len: q_len,
-        symbols.kv_len: kv_len,
-        symbols.score: torch.zeros((), dtype=torch.float64, device=device),
-    }
+    score = {symbols.score: torch.zeros((), dtype=torch.float64, device=device)}
     chunk = max(1, _CHUNK_ELEMENTS // max(1, kv_len * batch * heads))
     total = 0.0
     for start in range(0, len(rows), chunk):
         sample = rows[start:start + chunk]
-        env = {**base, symbols.q_idx: sample.view(1, 1, -1, 1)}
+        env = {**index_env(batch, heads, q_len, kv_len, device, sample), **score}
         keep = torch.as_tensor(evaluate(ir.mask, env, tensors, torch.float64), device=device)
         keep = keep.reshape((1,) * (4 - keep.ndim) + tuple(keep.shape))
         keep = keep.expand(keep.shape[0], keep.shape[1], len(sample), kv_len)
