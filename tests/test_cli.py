@@ -94,7 +94,7 @@ def test_show_cuda_lowers_for_the_arch_without_a_gpu(capsys, arch):
     assert f"== CUDA source ({arch}) ==" in out
     assert "__global__" in out.split("== CUDA source")[1]
     assert f"fwd_bfloat16_d64_{arch.replace('_', '')}_" in out
-    launch = "launch: 1 block per SM, a producer warpgroup and 3 consumer warpgroups at 160 registers a thread"
+    launch = "launch: 2 blocks per SM, a producer warpgroup and 1 consumer warpgroup at 232 registers a thread"
     assert (launch in out) == (arch == "sm_90a")
 
 

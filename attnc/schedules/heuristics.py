@@ -1,5 +1,5 @@
 """Default schedules: a good config per (template family, arch, head dims, dtype) without tuning, and for the sm_90a
-forward per kv loop length: the keys a query row keeps.
+forward per kv loop length (the keys a query row keeps) and per element's work (`light`).
 
 The cuda forward figures come from measurements on the H200 (docs/performance.md): on sm_90a ``threads`` counts
 the consumer warpgroups' threads (64 q rows each, so ``block_m == 64 * threads // 128``); a producer warpgroup
@@ -14,18 +14,20 @@ from collections.abc import Mapping
 import sympy
 import torch
 
+from attnc.dsl import symbols
 from attnc.dsl.ir import AttentionIR
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.resources import fits
 from attnc.schedules.timing import unmasked_elements
 
 SHORT_LOOP_KEYS = 1024
-"""Mean keys kept per query row at or below which the sm_90a head-dim-128 forward runs 64 x 64 tiles with one
-consumer warpgroup, two blocks per SM (`resources.forward_blocks_per_sm`): one block's prologue and epilogue
-overlap the other's loop. Measured on the H200 (docs/performance.md, seventh session), default -> two blocks in
-TFLOP/s: a causal document mask at 4k (340 keys a row) 169 -> 235, a 1k window at 4k (896) 425 -> 443, causal 1k
-(512) 350 -> 381, non-causal 1k (1024) 489 -> 499; above it, causal 4k (2048) 575 -> 506, prefix-LM 1k at 4k (2176)
-554 -> 507."""
+"""Mean keys kept per query row at or below which the sm_90a forward at head dims 64 and 128 runs 64 x 64 tiles with
+one consumer warpgroup, two blocks per SM (`resources.forward_blocks_per_sm`): one block's prologue and epilogue
+overlap the other's loop. Measured on the H200 (docs/performance.md, seventh and eighth sessions), default -> two
+blocks in TFLOP/s. d128: a causal document mask at 4k (340 keys a row) 169 -> 235, a 1k window at 4k (896) 425 ->
+443, causal 1k (512) 350 -> 381; above it, causal 4k (2048) 575 -> 506, prefix-LM 1k at 4k (2176) 554 -> 507. d64:
+document 63 -> 143, 1k window 146 -> 300, causal 1k 201 -> 249. Without a mask a short loop keeps the 128 x 128
+tiles instead (non-causal 1k: d128 525 against 499 with two blocks, d64 340 against 329)."""
 
 KEYS_SAMPLE_ROWS = 64
 """Query rows `kept_keys_per_row` evaluates the mask on (a stratified sample): a heuristic needs no more."""
@@ -36,6 +38,22 @@ _HOPPER_FWD = {  # (qk_dim, v_dim) -> (block_m, block_n, threads)
     (192, 128): (128, 96, 256),
     (256, 256): (128, 80, 256),
 }
+
+_LIGHT_ONLY = {(64, 64): (128, 128, 256)}
+"""(qk_dim, v_dim) -> the (block_m, block_n, threads) replacing `_HOPPER_FWD`'s where the per-element work is not
+`light`. At d64, three consumer warpgroups compile at 128 registers a thread (512 threads a block); ptxas spills there
+for every mask or score that does more than one comparison (document 1500 B, prefix-LM 1000 B, a window 744 B,
+ALiBi 368 B; causal, softcap and no mask: 0-8 B), and on the H200 prefix-LM at 4k ran at 180 TFLOP/s against 375 at
+128 x 128 tiles (a 4k window at 16k: 199 against 338), while causal keeps 382 against 354."""
+
+
+def light(ir: AttentionIR) -> bool:
+    """Whether a score element's extra work is at most one comparison: the mask is none or a single relation over
+    positions and lengths, and the score_mod reads neither positions nor tensors (softcap is light, ALiBi is not)."""
+    mask = sympy.sympify(ir.mask)
+    simple_mask = mask == sympy.true or (isinstance(mask, sympy.core.relational.Relational)
+                                         and not mask.atoms(sympy.Indexed))
+    return simple_mask and ir.score.free_symbols <= {symbols.score}
 
 
 def kept_keys_per_row(ir: AttentionIR, q_len: int, kv_len: int,
@@ -62,10 +80,15 @@ def default_config(family: str, arch: str, ir: AttentionIR, dtype: str,
     if family.startswith("cpu_"):
         return KernelConfig(block_m=16, block_n=32, stages=1, threads=1)
     if family == "fwd" and arch == "sm_90a":
+        dims = (ir.qk_dim, ir.v_dim)
         short = keys_per_row is not None and keys_per_row <= SHORT_LOOP_KEYS
-        if short and (ir.qk_dim, ir.v_dim) == (128, 128):
-            return KernelConfig(block_m=64, block_n=64, stages=2, threads=128)
-        block_m, block_n, threads = _HOPPER_FWD.get((ir.qk_dim, ir.v_dim), (128, 64, 256))
+        if short and dims in ((64, 64), (128, 128)):
+            if ir.has_mask:
+                return KernelConfig(block_m=64, block_n=64, stages=2, threads=128)
+            return KernelConfig(block_m=128, block_n=128, stages=2, threads=256)
+        block_m, block_n, threads = _HOPPER_FWD.get(dims, (128, 64, 256))
+        if dims in _LIGHT_ONLY and not light(ir):
+            block_m, block_n, threads = _LIGHT_ONLY[dims]
         if (ir.qk_dim, block_n) == (128, 128) and not ir.has_mask:
             block_n = 160  # dense: longer kv tiles measured 1–2% faster
         return KernelConfig(block_m=block_m, block_n=block_n, stages=2, threads=threads)

@@ -1,5 +1,6 @@
 """The default schedules: the sm_90a forward's config follows the keys a query row keeps, measured by evaluating the
-mask; a cuda op without a GPU dispatches a call by it, and building ahead builds every config it may pick."""
+mask, and at head dim 64 the work per element; a cuda op without a GPU dispatches a call by it, and building ahead
+builds every config it may pick."""
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from attnc.schedules.heuristics import SHORT_LOOP_KEYS, default_config, kept_key
 
 TWO_BLOCKS = KernelConfig(block_m=64, block_n=64, stages=2, threads=128)
 D128_MASKED = KernelConfig(block_m=128, block_n=128, stages=2, threads=256)
+D64_LIGHT = KernelConfig(block_m=192, block_n=128, stages=2, threads=384)
 DEFAULT_CPU = KernelConfig(block_m=16, block_n=32, stages=1, threads=1)
 
 
@@ -42,15 +44,36 @@ def test_kept_keys_per_row_is_unknown_without_the_tensors_the_mask_reads():
     assert kept_keys_per_row(scored, 64, 64, {}) == pytest.approx(32.5)
 
 
-def test_short_kv_loops_get_the_two_block_forward_on_sm90a_at_head_dim_128():
+def test_short_kv_loops_get_the_two_block_forward_on_sm90a_at_head_dims_64_and_128():
+    for dim in (64, 128):
+        ir = attnc.Attention(8, qk_dim=dim, mask_mod=mods.sliding_window(512)).ir
+        assert default_config("fwd", "sm_90a", ir, "bfloat16") == D128_MASKED  # unknown: the long-loop default
+        assert default_config("fwd", "sm_90a", ir, "bfloat16", SHORT_LOOP_KEYS) == TWO_BLOCKS
+        assert default_config("fwd", "sm_90a", ir, "bfloat16", SHORT_LOOP_KEYS + 1) == D128_MASKED
+        dense = attnc.Attention(8, qk_dim=dim).ir  # no mask: 128 x 128 tiles for short loops
+        assert default_config("fwd", "sm_90a", dense, "bfloat16", SHORT_LOOP_KEYS) == D128_MASKED
+    wide = attnc.Attention(8, qk_dim=256, mask_mod=mods.causal()).ir  # two blocks do not fit: unchanged
+    assert default_config("fwd", "sm_90a", wide, "bfloat16", 100) == default_config("fwd", "sm_90a", wide, "bfloat16")
     ir = attnc.Attention(8, qk_dim=128, mask_mod=mods.causal()).ir
-    assert default_config("fwd", "sm_90a", ir, "bfloat16") == D128_MASKED  # unknown: the long-loop default
-    assert default_config("fwd", "sm_90a", ir, "bfloat16", SHORT_LOOP_KEYS) == TWO_BLOCKS
-    assert default_config("fwd", "sm_90a", ir, "bfloat16", SHORT_LOOP_KEYS + 1) == D128_MASKED
-    d64 = attnc.Attention(8, qk_dim=64, mask_mod=mods.causal()).ir  # not measured there: unchanged
-    assert default_config("fwd", "sm_90a", d64, "bfloat16", 100) == default_config("fwd", "sm_90a", d64, "bfloat16")
     for family, arch in (("fwd", "sm_80"), ("cpu_fwd", "cpu")):
         assert default_config(family, arch, ir, "bfloat16", 100) == default_config(family, arch, ir, "bfloat16")
+
+
+@pytest.mark.parametrize("mask_mod, score_mod, is_light", [
+    (None, None, True),
+    (mods.causal(), None, True),
+    (mods.causal(), mods.softcap(30.0), True),
+    (lambda b, h, q, kv: q >= kv, None, True),
+    (mods.prefix_lm(64), None, False),
+    (mods.sliding_window(64), None, False),
+    (mods.causal(), mods.alibi(mods.alibi_slopes(8)), False),
+    (None, lambda s, b, h, q, kv: s + q - kv, False),
+    (mods.document(doc_ids(256)), None, False),
+])
+def test_long_loops_at_head_dim_64_take_three_warpgroups_only_for_light_elements(mask_mod, score_mod, is_light):
+    ir = attnc.Attention(8, qk_dim=64, mask_mod=mask_mod, score_mod=score_mod).ir
+    assert heuristics.light(ir) is is_light
+    assert default_config("fwd", "sm_90a", ir, "bfloat16") == (D64_LIGHT if is_light else D128_MASKED)
 
 
 def test_a_cuda_op_without_a_gpu_dispatches_by_the_keys_a_row_keeps():
@@ -71,7 +94,10 @@ def test_building_ahead_builds_every_config_the_heuristic_may_dispatch_to(monkey
     assert built == [D128_MASKED, TWO_BLOCKS]
     built.clear()
     attnc.compile(attnc.Attention(8, qk_dim=64, mask_mod=mods.causal()), target=Target("cuda", "sm_90a")).build()
-    assert len(built) == 1  # one config at head dim 64
+    assert built == [D64_LIGHT, TWO_BLOCKS]
+    built.clear()
+    attnc.compile(attnc.Attention(8, qk_dim=256, mask_mod=mods.causal()), target=Target("cuda", "sm_90a")).build()
+    assert len(built) == 1  # one config at head dim 256
     built.clear()
     pinned = KernelConfig(block_m=64, block_n=128, stages=2, threads=128)
     attnc.compile(attnc.Attention(8, qk_dim=128), target=Target("cuda", "sm_90a"), config=pinned).build()
@@ -82,10 +108,10 @@ def test_a_calls_config_evaluates_the_mask_only_where_the_default_depends_on_it(
     evaluated = []
     monkeypatch.setattr(heuristics, "kept_keys_per_row", lambda *args: evaluated.append(args) or 100.0)
     d128 = attnc.Attention(8, qk_dim=128, mask_mod=mods.causal()).ir
-    d64 = attnc.Attention(8, qk_dim=64, mask_mod=mods.causal()).ir
+    d256 = attnc.Attention(8, qk_dim=256, mask_mod=mods.causal()).ir
     assert heuristics.call_config("cpu_fwd", "cpu", d128, "float32", 4096, 4096) == DEFAULT_CPU
-    assert heuristics.call_config("fwd", "sm_90a", d64, "bfloat16", 4096, 4096) == default_config(
-        "fwd", "sm_90a", d64, "bfloat16")
+    assert heuristics.call_config("fwd", "sm_90a", d256, "bfloat16", 4096, 4096) == default_config(
+        "fwd", "sm_90a", d256, "bfloat16")
     assert not evaluated
     assert heuristics.call_config("fwd", "sm_90a", d128, "bfloat16", 4096, 4096) == TWO_BLOCKS
     assert len(evaluated) == 1
