@@ -195,11 +195,13 @@ def cmd_show(args) -> int:
     loaded = load_spec(args.spec)
     target = _target(args.target, args.arch)
     dtype = _dtype(args.dtype, target)
+    if args.ptxas and target.kind != "cuda":
+        raise CLIError(f"--ptxas reports on cuda kernels; the target here is {target.label}: pass --target cuda")
     op = attnc.compile(loaded.spec, target=target)
     q_len = args.q_len
     kv_len = args.kv_len or q_len
     if args.backward:
-        return _show_backward(op, loaded, args.batch, q_len, kv_len, dtype)
+        return _show_backward(op, loaded, args.batch, q_len, kv_len, dtype, args.ptxas)
     # what a call of these sizes runs (the heuristic's config without a GPU to key the tuning database by)
     config, source = op.config_for(dtype, args.batch, q_len, kv_len, loaded.inputs(q_len, kv_len) or None)
     kernel = op.kernel(dtype, config)
@@ -215,6 +217,8 @@ def cmd_show(args) -> int:
         _print(f"  launch: {blocks} block{'s' if blocks > 1 else ''} per SM, a producer warpgroup and "
                f"{kernel.config.threads // 128} consumer warpgroup{'s' if kernel.config.threads > 128 else ''} at "
                f"{consumer_regs(kernel.config.threads, blocks)} registers a thread")
+    if args.ptxas:
+        _print(f"  ptxas: {kernel.resource_report()}")
     _print(f"\n== tile map ==\n{kernel.tilemap}")
     _print(f"  q_len {q_len}, kv_len {kv_len} (█ full, ░ partial, · skipped):")
     for row in kernel.tilemap.grid(q_len, kv_len):
@@ -227,7 +231,7 @@ def cmd_show(args) -> int:
     return 0
 
 
-def _show_backward(op, loaded: SpecFile, batch: int, q_len: int, kv_len: int, dtype) -> int:
+def _show_backward(op, loaded: SpecFile, batch: int, q_len: int, kv_len: int, dtype, ptxas: bool = False) -> int:
     """`show --backward`: the backward that a training step of these sizes runs (gradients of every float input the
     score_mod reads), its kv-side tile map (per kv tile, the q tiles visited) and its main kernel's source."""
     import torch
@@ -253,6 +257,8 @@ def _show_backward(op, loaded: SpecFile, batch: int, q_len: int, kv_len: int, dt
            f"{dtype_label(dtype)}, config {backward.config.short()} ({source}, for batch {batch}, q_len {q_len}, "
            f"kv_len {kv_len}){dq_mode}\n  kernels: {', '.join(backward.kernel_names())}\n"
            f"  gradients of: {wrt}\n  source file {main.source_path}")
+    if ptxas:
+        _print(f"  ptxas (main): {main.resource_report()}")
     tiles = backward_tiles(ir.mask, backward.config.block_m, backward.config.block_n)
     _print(f"\n== backward tile map ==\n  q tiles of {tiles.block_m} rows, kv tiles of {tiles.block_n}; one row per "
            f"kv tile, one column per q tile; q_len {q_len}, kv_len {kv_len} (█ full, ░ partial, · skipped):")
@@ -369,6 +375,9 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--backward", action="store_true",
                       help="show the backward instead: its config, its kv-side tile map (per kv tile, the q tiles "
                            "visited) and its main kernel's source")
+    show.add_argument("--ptxas", action="store_true",
+                      help="cuda: also print ptxas's resource report of the kernel shown (registers a thread, bytes "
+                           "spilled), from compiling its CUDA source once more with -Xptxas -v")
     show.set_defaults(handler=cmd_show)
 
     run = commands.add_parser("run", help="build a spec, run it on random inputs, compare with the reference",

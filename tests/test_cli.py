@@ -111,6 +111,17 @@ def test_show_cuda_names_the_short_loop_config_and_its_two_blocks_per_sm(tmp_pat
     assert "__launch_bounds__(256, 2)" in out
 
 
+def test_show_ptxas_reports_the_kernels_registers_and_spills(capsys):
+    needs_cuda_build()
+    assert cli.main(["show", CAUSAL, "--target", "cuda", "--arch", "sm_90a", "--ptxas"]) == 0
+    out = capsys.readouterr().out
+    assert "  ptxas: 128 registers a thread at launch, 0 B spill stores, 0 B spill loads" in out  # two blocks: 64K / 512
+    assert cli.main(["show", CAUSAL, "--target", "cuda", "--arch", "sm_90a", "--ptxas", "--backward"]) == 0
+    assert "  ptxas (main): " in capsys.readouterr().out
+    err = error_of(capsys, ["show", CAUSAL, "--target", "cpu", "--ptxas"])
+    assert "--ptxas reports on cuda kernels; the target here is cpu" in err
+
+
 def test_show_cuda_rejects_a_head_dim_it_cannot_serve(tmp_path, capsys):
     path = write(tmp_path, "small.py", """
         import attnc

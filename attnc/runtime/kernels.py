@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnc.codegen import build, render
+from attnc.codegen import build, ptxas, render
 from attnc.codegen.cache import cache_dir
 from attnc.codegen.context import make_block_mask_context, make_context
 from attnc.dsl.blockmask import BlockMaskLayout, block_mask_layout
 from attnc.dsl.ir import AttentionIR
 from attnc.dsl.tilemap import TileMap, analyse
-from attnc.errors import BuildError, one_line
+from attnc.errors import BuildError, UnsupportedError, one_line
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.resources import require_fits
 
@@ -71,6 +71,13 @@ class BuiltKernel:
     def device_source(self) -> str:
         """The code tilelang generated (C for the CPU, CUDA for GPUs)."""
         return self.build().compiled.get_kernel_source()
+
+    def resource_report(self) -> ptxas.PtxasReport:
+        """ptxas's report of this cuda kernel: registers a thread and bytes spilled (`attnc.codegen.ptxas`)."""
+        if self.target.kind != "cuda":
+            raise UnsupportedError(f"ptxas's resource report is for cuda kernels; this one targets {self.target.label}")
+        fast_math = bool(pass_configs(self.family, self.target).get("tl.enable_fast_math"))
+        return ptxas.resource_report(self.device_source(), self.target.arch, fast_math)
 
     def __call__(self, *tensors: torch.Tensor) -> None:
         self.build().compiled(*tensors)
