@@ -2,8 +2,9 @@
 
 The task: copy (or ``--task reverse``) a sequence of 15 random digits (``BOS x1..x15 SEP x1..x15``, 32 tokens; the
 loss is on the second half). Both models are 2 layers, d_model 128, 2 causal heads of head dim 64 (one the CUDA
-kernels serve); they differ only in the attention call. Every 25 steps the script prints both loss curves, and, at the attnc model's current weights,
-the difference of the loss and the max relative difference of the gradients that the two attentions give.
+kernels serve); they differ only in the attention call. Every 25 steps the script prints both loss curves, and, at
+the attnc model's current weights, the difference of the loss and the max relative difference of the gradients that
+the two attentions give.
 
 The curves agree to float32 rounding (1e-7) for most of the run; where the model learns the task quickly (the
 loss falls steeply), training amplifies that rounding and the two trajectories drift apart, as two SDPA runs with

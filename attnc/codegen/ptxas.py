@@ -54,16 +54,11 @@ def parse_report(output: str) -> list[PtxasReport]:
     return reports
 
 
-def _tilelang_flags() -> list[str]:
-    """The language standard and include directories tilelang compiles its CUDA sources with."""
-    from tilelang.contrib.nvcc import default_compile_options
-
-    return default_compile_options()
-
-
 def resource_report(cuda_source: str, arch: str, fast_math: bool) -> PtxasReport:
     """Compile ``cuda_source`` (one kernel entry, as tilelang generates it) for ``arch`` ('sm_90a', 'sm_80') and
     return ptxas's report of its kernel."""
+    from tilelang.contrib.nvcc import default_compile_options  # tilelang's C++ standard and include directories
+
     home = cuda_home()
     if home is None:
         raise UnsupportedError("ptxas's resource report needs nvcc: set CUDA_HOME to a CUDA toolkit")
@@ -71,7 +66,7 @@ def resource_report(cuda_source: str, arch: str, fast_math: bool) -> PtxasReport
     with tempfile.TemporaryDirectory(prefix="attnc-ptxas-") as tmp:
         source = Path(tmp, "kernel.cu")
         source.write_text(cuda_source)
-        command = [str(Path(home, "bin", "nvcc")), *_tilelang_flags(), "-w", "-gencode",
+        command = [str(Path(home, "bin", "nvcc")), *default_compile_options(), "-w", "-gencode",
                    f"arch=compute_{number},code=sm_{number}", "--cubin", "-Xptxas=-v",
                    *(["--use_fast_math"] if fast_math else []), "-o", str(Path(tmp, "kernel.cubin")), str(source)]
         result = subprocess.run(command, capture_output=True, text=True)
