@@ -145,13 +145,7 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
     def text(expr) -> str:
         return print_expr(expr, {**KERNEL_NAMES, **cache_names}, tensors, fast_tanh=cuda)
 
-    caches = []
-    for read in hoisted:
-        source = dtypes[str(read.read.base)]
-        cache_dtype = source if read.integer else "float32"
-        value = print_expr(read.read, KERNEL_NAMES, tensors)
-        value = value if source == cache_dtype else f'T.cast({value}, "float32")'
-        caches.append(CacheFill(read.cache, read.level, cache_dtype, value, f'T.cast(0, "{cache_dtype}")'))
+    caches = list(_cache_fills(hoisted, dtypes, tensors))
     fold, element = 1.0, ""
     if optimised:
         fold, element, vectors = _element_loop(score, ir.scale, hoisted, {**KERNEL_NAMES, **cache_names}, tensors,
@@ -262,6 +256,10 @@ class BackwardContext:
     of per-thread atomics. ``score_grad``:
     d score_mod / d score ("" when it is 1). ``grad_buffers`` / ``grad_terms``: gradients of float tensor inputs.
     ``q_begin`` ... ``full_end``: per kv tile (``kv_tile``), the q tiles visited and full (transposed tile map).
+    ``mask_expr`` / ``score_expr`` / ``caches`` (sm_90a main kernel): the mask and the score with their hoistable
+    tensor reads (`codegen.hoist`) replaced by caches the kernel fills outside the element loop: 'block' once per
+    block, 'column' (a kv row's, over ``j``) once per block too (its kv tile is fixed), 'row' (a q row's, over ``i``)
+    per q tile into a shared ring slot beside the tile's lse, filled by the producer. Elsewhere the context's own.
     """
 
     stage: str
@@ -276,6 +274,9 @@ class BackwardContext:
     q_end: str
     full_begin: str
     full_end: str
+    mask_expr: str = ""
+    score_expr: str = ""
+    caches: tuple[CacheFill, ...] = ()
 
 
 DIAGONAL = sympy.Symbol("diag", integer=True)
@@ -333,6 +334,10 @@ def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: Ker
         diagonal = diagonal_target(term.read, tensors, term.name) if additive else ""
         terms.append(GradTerm(target, text(term.derivative), varies, diagonal))
     tiles = backward_tiles(ir.mask, config.block_m, config.block_n)
+    mask_expr, score_expr, caches = ctx.mask_expr, ctx.score_expr, ()
+    if cuda and stage == "main" and warp_specialized:
+        mask_expr, score_expr, caches, score_guard = _hoisted_main(ir, config.stages, tensors, text)
+        ctx = dataclasses.replace(ctx, score_guard=score_guard)
     bwd = BackwardContext(
         stage=stage,
         dq_mode=dq_mode,
@@ -346,5 +351,36 @@ def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: Ker
         q_end=print_expr(tiles.q_end, kv_names),
         full_begin=print_expr(tiles.full_begin, kv_names),
         full_end=print_expr(tiles.full_end, kv_names),
+        mask_expr=mask_expr,
+        score_expr=score_expr,
+        caches=caches,
     )
     return dataclasses.replace(ctx, bwd=bwd)
+
+
+def _hoisted_main(ir: AttentionIR, stages: int, tensors: dict, text) -> tuple[str, str, tuple[CacheFill, ...], bool]:
+    """The sm_90a backward main kernel's mask and score texts with hoistable reads replaced by caches, the caches
+    (see `BackwardContext`; a q row's cache is read from its ring slot, ``t % stages``, as the lse is) and whether
+    the score still needs the bounds test on full tiles: while it reads a tensor in the loop, or a q row's cache (a
+    row past q_len holds a zero there, and a score_mod that divides by it would put a NaN into dV through P)."""
+    (score, mask), hoisted, names = hoist(ir.score, ir.mask)
+    names = {**KERNEL_NAMES, **names, **{read.symbol: f"{read.cache}_ring[t % {stages}, i]"
+                                         for read in hoisted if read.level == "row"}}
+    caches = _cache_fills(hoisted, {t.name: t.dtype for t in ir.inputs}, tensors)
+    mask_text = print_expr(mask, names, tensors, fast_tanh=True) if ir.has_mask else ""
+    row_caches = {read.symbol for read in hoisted if read.level == "row"}
+    guard = bool(score.atoms(sympy.Indexed)) or bool(score.free_symbols & row_caches)
+    return mask_text, text(score, names), caches, guard
+
+
+def _cache_fills(hoisted, dtypes: Mapping[str, str], tensors: Mapping[str, str]) -> tuple[CacheFill, ...]:
+    """The fills of hoisted reads (`codegen.hoist`): an integer read cached in its tensor's dtype, a float one in
+    float32."""
+    caches = []
+    for read in hoisted:
+        source = dtypes[str(read.read.base)]
+        cache_dtype = source if read.integer else "float32"
+        value = print_expr(read.read, KERNEL_NAMES, tensors)
+        value = value if source == cache_dtype else f'T.cast({value}, "float32")'
+        caches.append(CacheFill(read.cache, read.level, cache_dtype, value, f'T.cast(0, "{cache_dtype}")'))
+    return tuple(caches)

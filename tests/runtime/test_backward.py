@@ -16,6 +16,8 @@ import math
 import os
 from pathlib import Path
 
+import re
+
 import pytest
 import torch
 
@@ -343,9 +345,52 @@ def test_sm90a_full_tiles_test_the_bounds_only_when_the_score_reads_a_tensor():
     document = attnc.Attention(4, qk_dim=128, mask_mod=mods.document(doc_ids) & mods.causal())
     loop = full_tile_loop(document)
     assert "sT[j, i] = T.exp2(" in loop and "q_len" not in loop and "doc_ids" not in loop
-    bias = torch.randn(4, 1000)
-    biased = attnc.Attention(4, qk_dim=128, mask_mod=mods.causal(), score_mod=lambda s, b, h, q, kv: s + bias[h, kv])
-    assert "T.if_then_else(T.And(q_idx < q_len, kv_idx < kv_len), T.exp2(" in full_tile_loop(biased)
+    guarded = "T.if_then_else(T.And(q_idx < q_len, kv_idx < kv_len), T.exp2("
+    bias = torch.randn(4, 1000, 1000)
+    per_element = attnc.Attention(4, qk_dim=128, mask_mod=mods.causal(),
+                                  score_mod=lambda s, b, h, q, kv: s + bias[h, q, kv])
+    assert guarded in full_tile_loop(per_element)
+    row = torch.randn(4, 1000)  # a q row's value, cached as 0 past q_len (where a division would make a NaN): tested
+    per_row = attnc.Attention(4, qk_dim=128, mask_mod=mods.causal(), score_mod=lambda s, b, h, q, kv: s + row[h, q])
+    assert guarded in full_tile_loop(per_row)
+    column = torch.randn(4, 1000)  # cached per kv row (a full tile's rows are all in range): no test
+    per_column = attnc.Attention(4, qk_dim=128, mask_mod=mods.causal(),
+                                 score_mod=lambda s, b, h, q, kv: s + column[h, kv])
+    loop = full_tile_loop(per_column)
+    assert "T.exp2(" in loop and "q_len" not in loop and "in_column" not in loop
+
+
+def test_sm90a_main_kernel_reads_hoisted_tensor_values_outside_the_element_loop():
+    """As the forward (`codegen.hoist`): a document mask's doc_ids[q_idx] lands in a ring slot the producer fills
+    beside the tile's lse, doc_ids[kv_idx] in a register vector filled once per block (its kv tile is fixed), ALiBi's
+    slopes[h] in a variable; the consumers' element loops read neither tensor. The dQ pass and sm_80 read in place."""
+    doc_ids = torch.tensor([0] * 300 + [1] * 700, dtype=torch.int32)
+    document = attnc.Attention(4, qk_dim=128, mask_mod=mods.document(doc_ids) & mods.causal())
+    backward = Backward(document.ir, Target("cuda", "sm_90a"), "bfloat16", (), "atomic",
+                        backward_config("sm_90a", document.ir))
+    source = backward.stage("main").source
+    producer, consumer = source.split("T.set_max_nreg(240, 1)")
+    slot = f"[t % {backward.config.stages}, i]"
+    ring = re.search(r"(row_cache\d+)_ring" + re.escape(slot) + r" = T.if_then_else\(q_idx < q_len, in_doc_ids\[q_idx\]",
+                     producer)
+    column = re.search(r"(column_cache\d+)\[j\] = T.if_then_else\(kv_idx < kv_len, in_doc_ids\[kv_idx\]", consumer)
+    assert ring and column
+    loops = consumer[consumer.index("T.barrier_wait(kv_ready, 0)"):]
+    assert "in_doc_ids" not in loops and f"{ring[1]}_ring{slot} == {column[1]}[j]" in loops
+    backward.stage("main").build()
+
+    slopes = mods.alibi_slopes(4)
+    alibi = attnc.Attention(4, qk_dim=128, mask_mod=mods.causal(), score_mod=mods.alibi(slopes))
+    main = Backward(alibi.ir, Target("cuda", "sm_90a"), "bfloat16", ("slopes",), "atomic",
+                    backward_config("sm_90a", alibi.ir)).stage("main").source
+    loops = main[main.index("T.barrier_wait(kv_ready, 0)"):]
+    assert re.search(r"block_cache\d+ = in_slopes\[h\]", main) and "in_slopes" not in loops
+
+    separate = Backward(document.ir, Target("cuda", "sm_90a"), "bfloat16", (), "separate",
+                        backward_config("sm_90a", document.ir))
+    assert "cache" not in separate.stage("dq").source and "in_doc_ids[kv_idx]" in separate.stage("dq").source
+    sm80 = Backward(document.ir, Target("cuda", "sm_80"), "bfloat16", (), "atomic", backward_config("sm_80", document.ir))
+    assert "cache" not in sm80.stage("main").source
 
 def test_sm90a_main_kernel_sums_a_relative_bias_gradient_per_diagonal():
     """One fp32 atomic per score element into the table ran the relative-bias backward at 116 TFLOP/s on the H200
