@@ -1,5 +1,5 @@
 """Default schedules: a good config per (template family, arch, head dims, dtype) without tuning, and for the sm_90a
-forward per kv loop length (the keys a query row keeps) and per element's work (`light`).
+forward per kv loop length (the keys a query row keeps) and per element's work (`light`, `reads_tensors`).
 
 The cuda forward figures come from measurements on the H200 (docs/performance.md): on sm_90a ``threads`` counts
 the consumer warpgroups' threads (64 q rows each, so ``block_m == 64 * threads // 128``); a producer warpgroup
@@ -46,6 +46,12 @@ for every mask or score that does more than one comparison (document 1500 B, pre
 ALiBi 368 B; causal, softcap and no mask: 0-8 B), and on the H200 prefix-LM at 4k ran at 180 TFLOP/s against 375 at
 128 x 128 tiles (a 4k window at 16k: 199 against 338), while causal keeps 382 against 354."""
 
+_TENSOR_READING = {(256, 256): (128, 64, 256)}
+"""(qk_dim, v_dim) -> the (block_m, block_n, threads) replacing `_HOPPER_FWD`'s where a score element reads a tensor
+(`reads_tensors`). At d256 the 128 x 80 tiles spill there (ptxas: document 248 B, ALiBi 160 B; 128 x 64: 120 B and
+16 B). On the H200 (ninth session, TFLOP/s at 4k) 80 -> 64 kv rows: document 220 -> 258, ALiBi 520 -> 548; masks
+without a tensor read lose at 64 (1k window 512 -> 461, 4k window at 16k 687 -> 562, prefix-LM 576 -> 565)."""
+
 
 def light(ir: AttentionIR) -> bool:
     """Whether a score element's extra work is at most one comparison: the mask is none or a single relation over
@@ -54,6 +60,11 @@ def light(ir: AttentionIR) -> bool:
     simple_mask = mask == sympy.true or (isinstance(mask, sympy.core.relational.Relational)
                                          and not mask.atoms(sympy.Indexed))
     return simple_mask and ir.score.free_symbols <= {symbols.score}
+
+
+def reads_tensors(ir: AttentionIR) -> bool:
+    """Whether the mask or the score_mod reads a captured tensor (document's ids, ALiBi's slopes, a bias table)."""
+    return bool(sympy.sympify(ir.mask).atoms(sympy.Indexed) or ir.score.atoms(sympy.Indexed))
 
 
 def kept_keys_per_row(ir: AttentionIR, q_len: int, kv_len: int,
@@ -89,6 +100,8 @@ def default_config(family: str, arch: str, ir: AttentionIR, dtype: str,
         block_m, block_n, threads = _HOPPER_FWD.get(dims, (128, 64, 256))
         if dims in _LIGHT_ONLY and not light(ir):
             block_m, block_n, threads = _LIGHT_ONLY[dims]
+        if dims in _TENSOR_READING and reads_tensors(ir):
+            block_m, block_n, threads = _TENSOR_READING[dims]
         if (ir.qk_dim, block_n) == (128, 128) and not ir.has_mask:
             block_n = 160  # dense: longer kv tiles measured 1–2% faster
         return KernelConfig(block_m=block_m, block_n=block_n, stages=2, threads=threads)

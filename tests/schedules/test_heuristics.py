@@ -76,6 +76,23 @@ def test_long_loops_at_head_dim_64_take_three_warpgroups_only_for_light_elements
     assert default_config("fwd", "sm_90a", ir, "bfloat16") == (D64_LIGHT if is_light else D128_MASKED)
 
 
+@pytest.mark.parametrize("mask_mod, score_mod, reads", [
+    (mods.causal(), None, False),
+    (mods.prefix_lm(64), None, False),
+    (mods.sliding_window(64), mods.softcap(30.0), False),
+    (mods.document(doc_ids(256)), None, True),
+    (mods.causal(), mods.alibi(mods.alibi_slopes(8)), True),
+    (None, mods.relative_bias(torch.zeros(8, 511)), True),
+])
+def test_head_dim_256_takes_shorter_kv_tiles_when_an_element_reads_a_tensor(mask_mod, score_mod, reads):
+    ir = attnc.Attention(8, qk_dim=256, mask_mod=mask_mod, score_mod=score_mod).ir
+    assert heuristics.reads_tensors(ir) is reads
+    block_n = default_config("fwd", "sm_90a", ir, "bfloat16").block_n
+    assert block_n == (64 if reads else 80)
+    narrow = attnc.Attention(8, qk_dim=128, mask_mod=mask_mod, score_mod=score_mod).ir
+    assert default_config("fwd", "sm_90a", narrow, "bfloat16").block_n == (128 if mask_mod else 160)  # unchanged
+
+
 def test_a_cuda_op_without_a_gpu_dispatches_by_the_keys_a_row_keeps():
     if torch.cuda.is_available():
         pytest.skip("with a GPU, dispatch reads the tuning database first")
