@@ -149,6 +149,8 @@ class CompiledAttention:
         """Attention of ``q`` over ``k``, ``v``; with ``return_lse=True`` also the natural-log log-sum-exp
         (batch, q_heads, q_len), float32. ``block_mask``: one made by `block_mask` for these lengths (default:
         None, computed in the call when the mask reads a tensor); the call then runs with its config."""
+        if not isinstance(return_lse, bool):
+            raise InputError(f"`return_lse` must be True or False; got {return_lse!r}")
         shapes, extras = self.prepare(q, k, v, inputs, sinks)
         mask_tensors, mask_config = [], ""
         if block_mask is not None:

@@ -48,6 +48,8 @@ def call(op, **over):
     ({"doc_ids": torch.zeros(5, dtype=torch.int64)}, r"`doc_ids\[kv_idx\]` reads `doc_ids` at dimension 0 from 0 to 7 "
                                                      r"for batch 1, q_len 8, kv_len 8, but `doc_ids` has size 5"),
     ({"q_len": 70, "kv_len": 70}, r"reads `doc_ids` at dimension 0 from 0 to 69 .* has size 64"),
+    ({"return_lse": "yes"}, "`return_lse` must be True or False; got 'yes'"),
+    ({"block_mask": "causal"}, "`block_mask` must be"),
 ])
 def test_bad_inputs_raise_input_errors(op, over, message):
     with pytest.raises(InputError, match=message):
