@@ -107,3 +107,25 @@ def test_backward_cases_add_a_learned_relative_bias_shared_by_attnc_and_flex():
     assert case.spec(torch.device("cpu")).captured_tensors()["table"] is table
     score = case.flex_score(torch.device("cpu"))(torch.tensor(1.0), 0, 3, torch.tensor(5), torch.tensor(2))
     assert score.item() == (1.0 + table[3, 2 - 5 + case.seq - 1]).item()
+
+
+def test_profile_script_names_a_wrong_case_and_a_missing_gpu(capsys):
+    """benchmarks/profile.py (a peer's forward or backward run a few times, for ncu) rejects a case no quick case's
+    name starts with, listing the cases, and says when there is no GPU to run on."""
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile.py"
+    spec = importlib.util.spec_from_file_location("profile_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit):
+        script.main(["no such case", "attnc"])
+    err = capsys.readouterr().err
+    assert "case: no quick case's name starts with 'no such case'" in err and "'causal d128 S4k'" in err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            script.main(["--backward", "causal d128", "attnc"])
+        assert "the peers run on a GPU, and torch sees none" in capsys.readouterr().err
