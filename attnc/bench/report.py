@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from attnc.bench import computed
+
 PEER_LABELS = {"attnc": "attnc", "attnc_default": "attnc default", "cudnn": "cuDNN SDPA", "fa2": "SDPA flash (FA2)",
                "flex": "FlexAttention"}
 CONVENTION = ("TFLOP/s count only unmasked score elements: (2·qk_dim + 2·v_dim) FLOPs per element in the forward, "
@@ -111,11 +113,20 @@ def training_steps(results: list[dict]) -> list[dict]:
 
 
 def write(results: list[dict], out_dir: Path, stem: str, title: str) -> str:
-    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``; the markdown text (a backward run:
-    the backward alone, then forward + backward)."""
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` under ``out_dir``; the markdown text (a forward run:
+    then attnc over computed elements, `attnc.bench.computed`; a backward run: the backward alone, then forward +
+    backward)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    counted = computed.computed_rows(results)
+    for row in counted:  # attnc's forward rows gain the computed-element figures
+        next(r for r in results if r["peer"] == "attnc" and r["case"] == row["case"]).update(
+            {k: row[k] for k in ("computed", "computed_tflops", "dense_share")})
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
     text = markdown(results, title)
+    if counted:
+        text += (f"\n### attnc over computed elements\n\nEvery in-bounds element of the tiles the kernel visits, "
+                 f"masked or not; the last column against this run's dense non-causal figure.\n\n"
+                 + computed.markdown(counted))
     steps = training_steps(results)
     if steps:
         text += "\n" + markdown(steps, title.replace("Backward", "Forward + backward", 1))
