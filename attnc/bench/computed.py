@@ -1,5 +1,6 @@
-"""The score elements a forward kernel computes, for the issue's second masked-case target: TFLOP/s over computed
-elements (every in-bounds element of every tile the kernel visits, masked or not) against attnc's dense figure.
+"""The score elements a forward kernel computes, for the Hopper forward issue's second masked-case target: TFLOP/s
+over computed elements (every in-bounds element of every tile the kernel visits, masked or not) against attnc's
+dense figure.
 
 The visited tiles are the tile map's (`attnc.dsl.tilemap.analyse` at the config's tiles), or for a mask that reads a
 tensor the non-empty tiles of its block mask (`attnc.runtime.blockmask.reference_tile_kinds`, on the CPU).
@@ -58,8 +59,9 @@ def _tiles(config: str) -> tuple[int, int]:
 
 
 def computed_rows(results: list[dict]) -> list[dict]:
-    """attnc's timed rows of a forward run (of the bench's cases), each with ``computed`` (elements), ``computed_tflops`` and ``dense_share``:
-    its TFLOP/s over computed elements against the run's dense non-causal case of the same head dim and length."""
+    """attnc's timed rows of a forward run (of the bench's cases), each with ``computed`` (elements),
+    ``computed_tflops`` and ``dense_share``: its TFLOP/s over computed elements against the run's dense non-causal
+    case of the same head dim and length."""
     cases = {c.name: c for c in forward_cases()}
     rows = [dict(r) for r in results if r["peer"] == "attnc" and r.get("pass") == "forward" and "ms" in r
             and r.get("config") and r["case"] in cases]
@@ -79,8 +81,9 @@ def computed_rows(results: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     """The table of `computed_rows`."""
-    lines = [f"| case | config | computed / unmasked elements | TFLOP/s (unmasked) | TFLOP/s (computed) | "
-             f"/ dense (target ≥ {DENSE_SHARE}) |", "|" + " --- |" * 6]
+    head = ("| case | config | computed / unmasked elements | TFLOP/s (unmasked) | TFLOP/s (computed) | "
+            f"/ dense (target ≥ {DENSE_SHARE}) |")
+    lines = [head, "|" + " --- |" * 6]
     for r in rows:
         share = f"{r['dense_share']:.2f}" if r["dense_share"] is not None else "—"
         lines.append(f"| {r['case']} | {r['config']} | {r['computed'] / r['unmasked']:.3f} | {r['tflops']:.0f} | "

@@ -124,8 +124,8 @@ def write(results: list[dict], out_dir: Path, stem: str, title: str) -> str:
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
     text = markdown(results, title)
     if counted:
-        text += (f"\n### attnc over computed elements\n\nEvery in-bounds element of the tiles the kernel visits, "
-                 f"masked or not; the last column against this run's dense non-causal figure.\n\n"
+        text += ("\n### attnc over computed elements\n\nEvery in-bounds element of the tiles the kernel visits, "
+                 "masked or not; the last column against this run's dense non-causal figure.\n\n"
                  + computed.markdown(counted))
     steps = training_steps(results)
     if steps:

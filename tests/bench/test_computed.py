@@ -6,7 +6,13 @@ import pytest
 import torch
 
 import attnc
-from attnc.bench.computed import DENSE_SHARE, computed_elements, computed_rows, main, markdown
+from attnc.bench.computed import (
+    DENSE_SHARE,
+    computed_elements,
+    computed_rows,
+    main,
+    markdown,
+)
 from attnc.schedules.timing import attention_flops, tflops
 
 
