@@ -332,6 +332,28 @@ def test_sm90a_main_kernel_starts_each_head_groups_longest_kv_tiles_first():
         assert blocks[:group] == [(0, h) for h in range(group)]
 
 
+def test_cuda_backward_applies_the_scale_to_dk_and_dq_once_not_to_each_ds_element():
+    """dS = P (dP - Delta) with no scale and, on sm_90a, no P > 0 select (rows past the lengths are zero-filled):
+    the scale multiplies dK before its store and dQ in its cast, post stage or dq stage (two instructions fewer per
+    element: backward +8-9% on the H200)."""
+    def lines(source, start):
+        return [line.strip() for line in source.splitlines() if line.strip().startswith(start)]
+
+    split = cuda_backward("sm_90a", "atomic", dims=(128, 128), features=False)
+    scale = repr(split.ir.scale)
+    assert lines(split.stage("main").source, "dsT_cast[j, i] =") == \
+        ["dsT_cast[j, i] = sT[j, i] * (dpT[j, i] - delta_shared[t % 2, i])"]
+    assert lines(split.stage("main").source, "dk[j, d] =") == [f"dk[j, d] = dk[j, d] * {scale}"]
+    assert f"] * {scale}, \"bfloat16\")" in split.stage("post").source
+    fused = cuda_backward("sm_90a", "atomic", dims=(128, 128)).stage("main").source  # ALiBi, relative bias grads
+    assert set(lines(fused, "ds =")) == {"ds = p * (dpT[j, i] - delta_shared[t % 2, i])"}
+    assert set(lines(fused, "dsT_cast[j, i] =")) == {"dsT_cast[j, i] = ds"}
+    separate = cuda_backward("sm_90a", "separate", features=False)
+    assert lines(separate.stage("dq").source, "dq[i, d] =") == [f"dq[i, d] = dq[i, d] * {separate.ir.scale!r}"]
+    sm80 = cuda_backward("sm_80", "atomic", features=False).stage("main").source  # no TMA: the select stays
+    assert lines(sm80, "ds =") == ["ds = T.if_then_else(p > 0.0, p * (dpT[j, i] - delta_shared[i]), 0.0)"]
+
+
 def test_sm90a_main_kernel_tests_the_mask_only_on_partial_tiles():
     """As the forward: P of every element first, the causal predicate only on the diagonal (and a ragged last kv)
     tiles, whose test reads the tile map's bounds from registers (inlined, they were re-evaluated per element)."""
