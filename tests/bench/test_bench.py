@@ -109,15 +109,25 @@ def test_backward_cases_add_a_learned_relative_bias_shared_by_attnc_and_flex():
     assert score.item() == (1.0 + table[3, 2 - 5 + case.seq - 1]).item()
 
 
+def test_no_benchmark_script_shadows_a_standard_module():
+    """A script runs with benchmarks/ first on sys.path: a file named like a standard module replaces it for every
+    import (benchmarks/profile.py replaced `profile`, so torch._dynamo's `import cProfile` failed in the backward)."""
+    import sys
+    from pathlib import Path
+
+    scripts = {p.stem for p in (Path(__file__).resolve().parents[2] / "benchmarks").glob("*.py")}
+    assert scripts and not scripts & set(sys.stdlib_module_names)
+
+
 def test_profile_script_names_a_wrong_case_and_a_missing_gpu(capsys):
-    """benchmarks/profile.py (a peer's forward or backward run a few times, for ncu) rejects a case no quick case's
-    name starts with, listing the cases, and says when there is no GPU to run on."""
+    """benchmarks/profile_case.py (a peer's forward or backward run a few times, for ncu) rejects a case no quick
+    case's name starts with, listing the cases, and says when there is no GPU to run on."""
     import importlib.util
     from pathlib import Path
 
     import pytest
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_case.py"
     spec = importlib.util.spec_from_file_location("profile_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

@@ -1,8 +1,8 @@
 """Run one peer's forward (or backward) of one benchmark case a few times, for a profiler to catch one launch.
 
     ncu --section SpeedOfLight -k regex:attnc_fwd --launch-skip 2 --launch-count 1 \\
-        python benchmarks/profile.py "non-causal d128" attnc
-    python benchmarks/profile.py --backward "causal d128" attnc     (the main kernel: -k regex:bwd_main)
+        python benchmarks/profile_case.py "non-causal d128" attnc
+    python benchmarks/profile_case.py --backward "causal d128" attnc     (the main kernel: -k regex:bwd_main)
 
 The case is the first of the quick cases whose name starts with CASE; the peers are those of ``attnc bench``.
 """
