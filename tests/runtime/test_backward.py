@@ -354,6 +354,32 @@ def test_cuda_backward_applies_the_scale_to_dk_and_dq_once_not_to_each_ds_elemen
     assert lines(sm80, "ds =") == ["ds = T.if_then_else(p > 0.0, p * (dpT[j, i] - delta_shared[i]), 0.0)"]
 
 
+def test_sm90a_main_kernel_stores_the_dq_tile_while_the_dk_gemm_runs():
+    """The dQ gemm is issued before dK's and waited for alone, so the dQ tile's shared store overlaps dK on the tensor
+    cores (+4% non-causal, +10% causal on the H200); the Q/dO slot is released only after dK, which reads Q."""
+    target = Target("cuda", "sm_90a")
+    relative = attnc.Attention(8, 2, qk_dim=128, v_dim=128, mask_mod=mods.causal(),
+                               score_mod=mods.relative_bias(torch.randn(8, 1023)))  # its table's gradient
+    for spec, grads in ((attnc.Attention(8, 2, qk_dim=128, v_dim=128, mask_mod=mods.causal()), ()),
+                        (relative, ("table",))):
+        backward = Backward(spec.ir, target, "bfloat16", grads, "atomic", backward_config("sm_90a", spec.ir))
+        source = backward.stage("main").source
+        loop = source[source.index("T.barrier_wait(kv_ready, 0)"):]
+        order = [loop.index(step) for step in (
+            "T.sync_threads(1, 256)",
+            "T.wgmma_gemm(dsT_shared[t % 2, :, :], K_shared, dq,",
+            "T.wgmma_gemm(dsT_cast, q_shared[t % 2, :, :], dk,",
+            "T.wait_wgmma(1)\n                    T.warpgroup_fence_operand(dq,",
+            "T.copy(dq, dq_shared)",
+            "T.barrier_arrive(dq_full)",
+            "T.wait_wgmma(0)\n                    T.warpgroup_fence_operand(dv,",
+            "T.barrier_arrive(q_empty[t % 2])")]
+        assert order == sorted(order), grads
+        assert loop.count("T.wgmma_gemm(") == 5
+    sm80 = cuda_backward("sm_80", "atomic", dims=(128, 128), features=False).stage("main").source
+    assert sm80.index("dk, policy=") < sm80.index("K_shared, dq,")  # no writer warp: dK first, as before
+
+
 def test_sm90a_main_kernel_tests_the_mask_only_on_partial_tiles():
     """As the forward: P of every element first, the causal predicate only on the diagonal (and a ragged last kv)
     tiles, whose test reads the tile map's bounds from registers (inlined, they were re-evaluated per element)."""
