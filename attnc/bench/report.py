@@ -107,7 +107,7 @@ def training_steps(results: list[dict]) -> list[dict]:
         if "step_tflops" in r:
             step.update(tflops=r["step_tflops"], ms=r["step_ms"], peak_mib=r["step_peak_mib"])
         elif not r.get("error"):
-            step["error"] = "not timed"
+            step["error"] = r.get("step_error", "not timed")
         steps.append(step)
     return steps
 

@@ -1,4 +1,5 @@
-"""Running a benchmark: every case, every peer, one process, one GPU, the same inputs for all.
+"""Running a benchmark: every case, every peer, one process, one GPU, the same inputs for all; a case's peers are
+timed in interleaved rounds (`timed_together`), so that the GPU's drifting clocks reach them alike.
 
 ``run(cases, peers)`` times the forward, ``run(cases, peers, backward=True)`` the backward alone (gradients of q,
 k, v from a recorded forward) and a training step's attention: forward and backward together (``step_*`` fields).
@@ -15,6 +16,7 @@ import os
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,16 +24,48 @@ import torch
 from attnc.bench import report
 from attnc.bench.cases import Case, backward_cases, forward_cases
 from attnc.bench.peers import PEERS, NotApplicable
-from attnc.schedules.timing import attention_flops, buffer_count, measure, tflops, unmasked_elements
+from attnc.schedules.timing import (
+    Timing,
+    attention_flops,
+    buffer_count,
+    measure,
+    tflops,
+    unmasked_elements,
+)
+
+ROUNDS = 4
+"""Every case's peers are timed in this many interleaved rounds (`timed_together`)."""
 
 
-def _timed(fn, sets: int, repeats: int):
-    """Median timing of ``fn(i)`` over rotating input sets, and the peak memory the runs added (MiB)."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    timing = measure(fn, [(i,) for i in range(sets)], device="cuda", warmup=5, reps=repeats)
-    return timing, (torch.cuda.max_memory_allocated() - base) / 2**20
+def timed_together(fns: dict[str, Callable], sets: int, repeats: int, device: torch.device | str = "cuda",
+                   rounds: int = ROUNDS, log=print) -> dict[str, tuple[Timing, float] | Exception]:
+    """Per name, the timing of ``fn(i)`` over rotating input sets (``repeats`` runs in all) and the peak memory its
+    runs added (MiB; CUDA only), or the exception it raised. The runs are taken in ``rounds`` interleaved rounds, each
+    timing every function in turn: the GPU's clocks drift within a run by several percent, and interleaving hands the
+    drift to every peer alike, where timing one peer after another gave it to whichever ran in the slow stretch."""
+    cuda = torch.device(device).type == "cuda"
+    counts = [n for n in (repeats // rounds + (r < repeats % rounds) for r in range(rounds)) if n]
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    peaks = dict.fromkeys(fns, 0.0)
+    failed: dict[str, Exception] = {}
+    for first, count in zip([True] + [False] * len(counts), counts):
+        for name, fn in fns.items():
+            if name in failed:
+                continue
+            if cuda:
+                torch.cuda.synchronize(device)
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                timing = measure(fn, [(i,) for i in range(sets)], device=device, warmup=5 if first else 1, reps=count)
+            except Exception as error:  # a failing peer is reported, not fatal to the others
+                failed[name] = error
+                log(traceback.format_exc(limit=3))
+                continue
+            times[name] += timing.times_ms
+            if cuda:
+                peaks[name] = max(peaks[name], (torch.cuda.max_memory_allocated(device) - base) / 2**20)
+    return {name: failed.get(name) or (Timing(tuple(times[name])), peaks[name]) for name in fns}
 
 
 def _inputs(case: Case, dtype: torch.dtype, sets: int, grad: bool):
@@ -141,32 +175,29 @@ def run(cases: list[Case], peers: list[str], *, backward: bool = False, dtype: t
                                      sample_rows=None)
         flops = attention_flops(spec.ir, elements, backward=backward)
         step_flops = attention_flops(spec.ir, elements) + flops if backward else None
-        outputs = {}
+        outputs, rows, timed, steps = {}, {}, {}, {}
         for peer in peers:
-            row = {"case": case.name, "peer": peer, "batch": case.batch, "q_heads": case.q_heads,
-                   "kv_heads": case.kv_heads, "seq": case.seq, "dim": case.dim, "dtype": str(dtype),
-                   "unmasked": elements, "flops": flops, "pass": "backward" if backward else "forward"}
+            row = rows[peer] = {"case": case.name, "peer": peer, "batch": case.batch, "q_heads": case.q_heads,
+                                "kv_heads": case.kv_heads, "seq": case.seq, "dim": case.dim, "dtype": str(dtype),
+                                "unmasked": elements, "flops": flops, "pass": "backward" if backward else "forward"}
             try:
                 setup_ms, forward = PEERS[peer](case, qs, ks, vs)
+                row["setup_ms"] = setup_ms
                 if backward:
                     outs = [forward(i) for i in range(sets)]
 
                     def fn(i, outs=outs, qs=qs, ks=ks, vs=vs, douts=douts, learned=learned):
                         return torch.autograd.grad(outs[i], (qs[i], ks[i], vs[i], *learned), douts[i],
                                                    retain_graph=True)
+
+                    def step(i, forward=forward, qs=qs, ks=ks, vs=vs, douts=douts, learned=learned):
+                        return torch.autograd.grad(forward(i), (qs[i], ks[i], vs[i], *learned), douts[i])
                     outputs[peer] = [g.float() for g in fn(0)]
+                    steps[peer] = step
                 else:
                     fn = forward
                     outputs[peer] = [fn(0).float()]
-                timing, peak_mib = _timed(fn, sets, repeats)
-                row.update(ms=timing.median_ms, min_ms=timing.min_ms, peak_mib=peak_mib, setup_ms=setup_ms,
-                           tflops=tflops(flops, timing.median_ms))
-                if backward:
-                    def step(i, forward=forward, qs=qs, ks=ks, vs=vs, douts=douts, learned=learned):
-                        return torch.autograd.grad(forward(i), (qs[i], ks[i], vs[i], *learned), douts[i])
-                    step_timing, step_mib = _timed(step, sets, repeats)
-                    row.update(step_ms=step_timing.median_ms, step_peak_mib=step_mib,
-                               step_tflops=tflops(step_flops, step_timing.median_ms))
+                timed[peer] = fn
                 if hasattr(forward, "op") and backward:
                     config, source = forward.op.backward_config_for(dtype, case.batch, case.seq, case.seq)
                     row["config"], row["config_source"] = config.short(), f"backward {source}"
@@ -183,6 +214,22 @@ def run(cases: list[Case], peers: list[str], *, backward: bool = False, dtype: t
             except Exception as error:  # a failing peer is reported, not fatal to the run
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
                 log(traceback.format_exc(limit=3))
+        for peer, result in timed_together(timed, sets, repeats, log=log).items():
+            if isinstance(result, Exception):
+                rows[peer]["error"] = f"{type(result).__name__}: {str(result).splitlines()[0][:160]}"
+                steps.pop(peer, None)
+                continue
+            timing, peak_mib = result
+            rows[peer].update(ms=timing.median_ms, min_ms=timing.min_ms, peak_mib=peak_mib,
+                              tflops=tflops(flops, timing.median_ms))
+        for peer, result in timed_together(steps, sets, repeats, log=log).items():
+            if isinstance(result, Exception):
+                rows[peer]["step_error"] = f"{type(result).__name__}: {str(result).splitlines()[0][:160]}"
+                continue
+            timing, peak_mib = result
+            rows[peer].update(step_ms=timing.median_ms, step_peak_mib=peak_mib,
+                              step_tflops=tflops(step_flops, timing.median_ms))
+        for peer, row in rows.items():
             results.append(row)
             log(f"{case.name:40s} {peer:13s} {row['pass'][:3]} " +
                 (f"{row['tflops']:7.1f} TFLOP/s {row['ms']:8.3f} ms" if "tflops" in row else row["error"]) +
@@ -228,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(cases, peers, backward=args.backward, repeats=args.repeats, tune=args.tune,
                   tune_budget_s=args.tune_budget, tune_candidates=args.tune_candidates)
     direction = "Backward" if args.backward else "Forward"
-    title = f"{direction}, {torch.cuda.get_device_name()}, bf16, medians of {args.repeats}"
+    title = (f"{direction}, {torch.cuda.get_device_name()}, bf16, medians of {args.repeats} "
+             f"({ROUNDS} interleaved rounds)")
     print(report.write(results, Path(args.out), "bwd" if args.backward else "fwd", title))
     return 0

@@ -1,5 +1,6 @@
 """The benchmark's arithmetic and reports, checked on the CPU (timing itself needs a GPU)."""
 
+import itertools
 import json
 
 import torch
@@ -139,3 +140,27 @@ def test_profile_script_names_a_wrong_case_and_a_missing_gpu(capsys):
         with pytest.raises(SystemExit):
             script.main(["--backward", "causal d128", "attnc"])
         assert "the peers run on a GPU, and torch sees none" in capsys.readouterr().err
+
+
+def test_peers_are_timed_in_interleaved_rounds_and_a_failing_one_is_reported():
+    """Each round runs every function in turn (after a longer warm-up in the first): 10 runs in 4 rounds are 3, 3,
+    2, 2, so neither peer owns a stretch of the run. A function that raises is returned as its exception, and the
+    others keep their rounds."""
+    from attnc.bench.run import timed_together
+    calls = []
+
+    def peer(name):
+        return lambda i: calls.append(name)
+
+    def broken(i):
+        raise RuntimeError("no kernel for this shape")
+    result = timed_together({"a": peer("a"), "b": peer("b"), "c": broken}, sets=2, repeats=10, device="cpu",
+                            log=lambda text: None)
+    assert isinstance(result["c"], RuntimeError)
+    for name in "ab":
+        timing, peak_mib = result[name]
+        assert len(timing.times_ms) == 10 and peak_mib == 0.0
+    blocks = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
+    assert blocks == ["a", "b"] * 4
+    assert [len(list(group)) for _, group in itertools.groupby(calls)] == [5 + 3, 5 + 3, 1 + 3, 1 + 3, 1 + 2, 1 + 2,
+                                                                           1 + 2, 1 + 2]
