@@ -48,7 +48,7 @@ def timed_together(fns: dict[str, Callable], sets: int, repeats: int, device: to
     times: dict[str, list[float]] = {name: [] for name in fns}
     peaks = dict.fromkeys(fns, 0.0)
     failed: dict[str, Exception] = {}
-    for first, count in zip([True] + [False] * len(counts), counts):
+    for round_index, count in enumerate(counts):
         for name, fn in fns.items():
             if name in failed:
                 continue
@@ -57,7 +57,8 @@ def timed_together(fns: dict[str, Callable], sets: int, repeats: int, device: to
                 base = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
             try:
-                timing = measure(fn, [(i,) for i in range(sets)], device=device, warmup=5 if first else 1, reps=count)
+                timing = measure(fn, [(i,) for i in range(sets)], device=device, warmup=5 if round_index == 0 else 1,
+                                 reps=count)
             except Exception as error:  # a failing peer is reported, not fatal to the others
                 failed[name] = error
                 log(traceback.format_exc(limit=3))
@@ -66,6 +67,11 @@ def timed_together(fns: dict[str, Callable], sets: int, repeats: int, device: to
             if cuda:
                 peaks[name] = max(peaks[name], (torch.cuda.max_memory_allocated(device) - base) / 2**20)
     return {name: failed.get(name) or (Timing(tuple(times[name])), peaks[name]) for name in fns}
+
+
+def _reason(error: Exception) -> str:
+    """A peer's failure as its row records it: the exception's type and the first line of its message."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
 
 
 def _inputs(case: Case, dtype: torch.dtype, sets: int, grad: bool):
@@ -212,11 +218,11 @@ def run(cases: list[Case], peers: list[str], *, backward: bool = False, dtype: t
             except NotApplicable as reason:
                 row["error"] = str(reason)
             except Exception as error:  # a failing peer is reported, not fatal to the run
-                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+                row["error"] = _reason(error)
                 log(traceback.format_exc(limit=3))
         for peer, result in timed_together(timed, sets, repeats, log=log).items():
             if isinstance(result, Exception):
-                rows[peer]["error"] = f"{type(result).__name__}: {str(result).splitlines()[0][:160]}"
+                rows[peer]["error"] = _reason(result)
                 steps.pop(peer, None)
                 continue
             timing, peak_mib = result
@@ -224,7 +230,7 @@ def run(cases: list[Case], peers: list[str], *, backward: bool = False, dtype: t
                               tflops=tflops(flops, timing.median_ms))
         for peer, result in timed_together(steps, sets, repeats, log=log).items():
             if isinstance(result, Exception):
-                rows[peer]["step_error"] = f"{type(result).__name__}: {str(result).splitlines()[0][:160]}"
+                rows[peer]["step_error"] = _reason(result)
                 continue
             timing, peak_mib = result
             rows[peer].update(step_ms=timing.median_ms, step_peak_mib=peak_mib,
