@@ -31,7 +31,7 @@ from attnc.dsl.derivative import backward_tiles, read_gradients, score_derivativ
 from attnc.dsl.ir import AttentionIR
 from attnc.dsl.tilemap import Q_TILE, TileMap, analyse
 from attnc.schedules.config import KernelConfig
-from attnc.schedules.resources import consumer_regs, forward_blocks_per_sm
+from attnc.schedules.resources import SM90A, consumer_regs, forward_blocks_per_sm
 
 # Kernel variable names the templates bind, for each symbol of the IR and the tile map.
 KERNEL_NAMES = {
@@ -117,6 +117,7 @@ class KernelContext:
     warp_specialized: bool = False  # sm_90a: producer warpgroup + consumer warpgroups (``threads`` consumers)
     blocks_per_sm: int = 1  # sm_90a: blocks one SM is built to hold (`resources.forward_blocks_per_sm`)
     consumer_regs: int = 0  # sm_90a: registers per consumer thread (setmaxnreg; `resources.consumer_regs`)
+    producer_regs: int = 0  # sm_90a: registers the producer warpgroup keeps (setmaxnreg; `Arch.producer_regs`)
     fast_tanh: bool = False  # the score expression calls attnc_fast_tanh; the template defines it
     score_guard: bool = False  # the score reads tensors: evaluate it only for in-bounds (q_idx, kv_idx)
     caches: tuple[CacheFill, ...] = ()  # cuda: values hoisted out of the element loop, in the order they fill
@@ -186,6 +187,7 @@ def make_context(family: str, kernel_name: str, ir: AttentionIR, tilemap: TileMa
         warp_specialized=arch == "sm_90a",
         blocks_per_sm=blocks_per_sm,
         consumer_regs=consumer_regs(config.threads, blocks_per_sm) if arch == "sm_90a" else 0,
+        producer_regs=SM90A.producer_regs if arch == "sm_90a" else 0,
         fast_tanh=cuda and ir.score.has(sympy.tanh),
         score_guard=bool(score.atoms(sympy.Indexed)),
         caches=tuple(caches),
@@ -337,7 +339,8 @@ def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: Ker
     mask_expr, score_expr, caches = ctx.mask_expr, ctx.score_expr, ()
     if cuda and stage == "main" and warp_specialized:
         mask_expr, score_expr, caches, score_guard = _hoisted_main(ir, config.stages, tensors, text)
-        ctx = dataclasses.replace(ctx, score_guard=score_guard)
+        ctx = dataclasses.replace(ctx, score_guard=score_guard, consumer_regs=consumer_regs(config.threads),
+                                  producer_regs=SM90A.producer_regs)
     bwd = BackwardContext(
         stage=stage,
         dq_mode=dq_mode,

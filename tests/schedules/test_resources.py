@@ -5,6 +5,7 @@ import pytest
 from attnc.errors import UnsupportedError
 from attnc.schedules.config import KernelConfig
 from attnc.schedules.resources import (
+    REG_GRANULARITY,
     SMEM_RESERVE,
     ARCHES,
     CPU,
@@ -136,6 +137,19 @@ def test_consumer_registers_per_warpgroup_count_and_blocks_per_sm():
     assert (consumer_regs(128), consumer_regs(256), consumer_regs(384)) == (240, 240, 160)
     launch = SM90A.regs_per_sm // (2 * (128 + SM90A.producer_threads))
     assert consumer_regs(128, blocks_per_sm=2) == launch + (launch - SM90A.producer_regs) == 232
+
+
+@pytest.mark.parametrize("threads,blocks", [(128, 1), (256, 1), (384, 1), (128, 2)])
+def test_setmaxnreg_asks_no_more_registers_than_the_block_launched_with(threads, blocks):
+    """The consumers' setmaxnreg.inc waits until the block's register pool holds what they ask for: the consumer
+    threads at `consumer_regs` and the producer warpgroup at ``producer_regs`` must fit the registers the block
+    launched with (``__launch_bounds__``: 65536 over the resident threads, in steps of 8), or the kernel hangs. A
+    backward main kernel whose producer kept 32 registers (256 consumers at 240) hung on the H200."""
+    block_threads = threads + SM90A.producer_threads
+    per_thread = min(SM90A.max_regs_per_thread, SM90A.regs_per_sm // (blocks * block_threads))
+    pool = per_thread // REG_GRANULARITY * REG_GRANULARITY * block_threads
+    asked = threads * consumer_regs(threads, blocks) + SM90A.producer_threads * SM90A.producer_regs
+    assert asked <= pool
 
 def test_128_rows_on_384_threads_has_no_warp_partition_on_sm90a():
     cfg = KernelConfig(block_m=128, block_n=128, stages=2, threads=384)
