@@ -142,6 +142,40 @@ def test_profile_script_names_a_wrong_case_and_a_missing_gpu(capsys):
         assert "the peers run on a GPU, and torch sees none" in capsys.readouterr().err
 
 
+def _block_cost_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bwd_block_cost.py"
+    spec = importlib.util.spec_from_file_location("block_cost_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_block_cost_fit_splits_main_kernel_time_into_fixed_and_per_tile_parts():
+    """benchmarks/bwd_block_cost.py: main-kernel times on a line (with noise that cancels) give back the line's
+    intercept and slope, divided over the grid's waves."""
+    script = _block_cost_script()
+    tiles = [4, 8, 16, 32, 64]
+    times = [32 * (3.0 + 2.5 * t) + noise for t, noise in zip(tiles, [1.0, -1.0, 0.0, 1.0, -1.0])]
+    fixed, per_tile = script.fit_block_cost(tiles, times, waves=32)
+    assert abs(fixed - 3.0) < 0.05 and abs(per_tile - 2.5) < 0.002
+
+
+def test_block_cost_script_wants_two_lengths_and_a_gpu(capsys):
+    import pytest
+
+    script = _block_cost_script()
+    with pytest.raises(SystemExit):
+        script.main(["--q-lens", "1024"])
+    assert "--q-lens: a line needs at least two lengths; got '1024'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            script.main([])
+        assert "the backward's main kernel runs on a GPU, and torch sees none" in capsys.readouterr().err
+
+
 def test_peers_are_timed_in_interleaved_rounds_and_a_failing_one_is_reported():
     """Each round runs every function in turn (after a longer warm-up in the first): 10 runs in 4 rounds are 3, 3,
     2, 2, so neither peer owns a stretch of the run. A function that raises is returned as its exception, and the
