@@ -151,6 +151,7 @@ def test_setmaxnreg_asks_no_more_registers_than_the_block_launched_with(threads,
     asked = threads * consumer_regs(threads, blocks) + SM90A.producer_threads * SM90A.producer_regs
     assert asked <= pool
 
+
 def test_128_rows_on_384_threads_has_no_warp_partition_on_sm90a():
     cfg = KernelConfig(block_m=128, block_n=128, stages=2, threads=384)
     reasons = check("fwd", "sm_90a", cfg, **D128)
