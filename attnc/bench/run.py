@@ -74,7 +74,8 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
 
 
-def _inputs(case: Case, dtype: torch.dtype, sets: int, grad: bool):
+def case_inputs(case: Case, dtype: torch.dtype, sets: int, grad: bool):
+    """``sets`` random (q, k, v) sets of the case's shapes on the GPU, as three lists (requiring grad with ``grad``)."""
     def make(heads):
         t = torch.randn(case.batch, heads, case.seq, case.dim, dtype=dtype, device="cuda")
         return t.requires_grad_() if grad else t
@@ -173,7 +174,7 @@ def run(cases: list[Case], peers: list[str], *, backward: bool = False, dtype: t
         sets = buffer_count(per_set, torch.device("cuda"))
         if backward:
             sets = min(4, sets)
-        qs, ks, vs = _inputs(case, dtype, sets, grad=backward)
+        qs, ks, vs = case_inputs(case, dtype, sets, grad=backward)
         douts = [torch.randn_like(q) for q in qs] if backward else None
         spec = case.spec(torch.device("cuda"))
         learned = case.learned(torch.device("cuda")) if backward else ()

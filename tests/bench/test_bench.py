@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import sys
 
 import torch
 
@@ -113,7 +114,6 @@ def test_backward_cases_add_a_learned_relative_bias_shared_by_attnc_and_flex():
 def test_no_benchmark_script_shadows_a_standard_module():
     """A script runs with benchmarks/ first on sys.path: a file named like a standard module replaces it for every
     import (benchmarks/profile.py replaced `profile`, so torch._dynamo's `import cProfile` failed in the backward)."""
-    import sys
     from pathlib import Path
 
     scripts = {p.stem for p in (Path(__file__).resolve().parents[2] / "benchmarks").glob("*.py")}
@@ -123,15 +123,9 @@ def test_no_benchmark_script_shadows_a_standard_module():
 def test_profile_script_names_a_wrong_case_and_a_missing_gpu(capsys):
     """benchmarks/profile_case.py (a peer's forward or backward run a few times, for ncu) rejects a case no quick
     case's name starts with, listing the cases, and says when there is no GPU to run on."""
-    import importlib.util
-    from pathlib import Path
-
     import pytest
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_case.py"
-    spec = importlib.util.spec_from_file_location("profile_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _benchmark_script("profile_case")
     with pytest.raises(SystemExit):
         script.main(["no such case", "attnc"])
     err = capsys.readouterr().err
@@ -142,13 +136,15 @@ def test_profile_script_names_a_wrong_case_and_a_missing_gpu(capsys):
         assert "the peers run on a GPU, and torch sees none" in capsys.readouterr().err
 
 
-def _block_cost_script():
+def _benchmark_script(name):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bwd_block_cost.py"
-    spec = importlib.util.spec_from_file_location("block_cost_script", path)
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
     script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # its dataclasses look their module up
     spec.loader.exec_module(script)
     return script
 
@@ -156,7 +152,7 @@ def _block_cost_script():
 def test_block_cost_fit_splits_main_kernel_time_into_fixed_and_per_tile_parts():
     """benchmarks/bwd_block_cost.py: main-kernel times on a line (with noise that cancels) give back the line's
     intercept and slope, divided over the grid's waves."""
-    script = _block_cost_script()
+    script = _benchmark_script("bwd_block_cost")
     tiles = [4, 8, 16, 32, 64]
     times = [32 * (3.0 + 2.5 * t) + noise for t, noise in zip(tiles, [1.0, -1.0, 0.0, 1.0, -1.0])]
     fixed, per_tile = script.fit_block_cost(tiles, times, waves=32)
@@ -166,7 +162,7 @@ def test_block_cost_fit_splits_main_kernel_time_into_fixed_and_per_tile_parts():
 def test_block_cost_script_wants_two_lengths_and_a_gpu(capsys):
     import pytest
 
-    script = _block_cost_script()
+    script = _benchmark_script("bwd_block_cost")
     with pytest.raises(SystemExit):
         script.main(["--q-lens", "1024"])
     assert "--q-lens: a line needs at least two lengths; got '1024'" in capsys.readouterr().err
@@ -174,6 +170,33 @@ def test_block_cost_script_wants_two_lengths_and_a_gpu(capsys):
         with pytest.raises(SystemExit):
             script.main([])
         assert "the backward's main kernel runs on a GPU, and torch sees none" in capsys.readouterr().err
+
+
+def test_power_stretch_reports_time_energy_clock_and_power_per_call():
+    """benchmarks/bwd_power.py: a stretch of back-to-back calls reads as ms and joules per call, and the medians of
+    the SM clock and power samples."""
+    script = _benchmark_script("bwd_power")
+    row = script.Stretch(calls=8, seconds=0.04, millijoules=32000, clocks_mhz=(1980, 1755, 1740, 1770),
+                         watts=(450.0, 690.0, 700.0, 695.0)).row("attnc")
+    assert row.startswith("attnc") and "5.000 ms/call" in row and "4.000 J/call" in row
+    assert "SM clock median  1762 MHz (min 1740)" in row and "power median  692 W" in row
+
+
+def test_power_script_names_a_wrong_case_a_wrong_peer_and_a_missing_gpu(capsys):
+    import pytest
+
+    script = _benchmark_script("bwd_power")
+    with pytest.raises(SystemExit):
+        script.main(["--cases", "no such case"])
+    err = capsys.readouterr().err
+    assert "--cases: no backward case's name starts with 'no such case'" in err and "relative bias" in err
+    with pytest.raises(SystemExit):
+        script.main(["--peers", "attnc,nobody"])
+    assert "--peers: unknown peer(s) ['nobody']" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            script.main([])
+        assert "the backward runs on a GPU, and torch sees none" in capsys.readouterr().err
 
 
 def test_peers_are_timed_in_interleaved_rounds_and_a_failing_one_is_reported():

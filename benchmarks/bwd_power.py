@@ -1,0 +1,142 @@
+"""The backward under sustained load, attnc against cuDNN: time, energy and SM clock per call, on the GPU.
+
+    python benchmarks/bwd_power.py [--cases "non-causal d128 S4k,causal d128 S4k"] [--seconds 3] [--rounds 2]
+
+Run back to back, backward calls hold the H200 at its power limit (700 W) and the SM clock falls until the draw fits:
+a peer's sustained speed is then set by the energy a call takes, where `attnc bench`'s medians also carry how warm
+the GPU was. Each peer runs ``--seconds`` of calls in turn, ``--rounds`` times; NVML's energy counter is read around
+each stretch, and the SM clock and the power drawn are sampled during it. NVML is read through pynvml
+(``pip install nvidia-ml-py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from attnc.bench.cases import backward_cases  # noqa: E402
+from attnc.bench.peers import PEERS, NotApplicable  # noqa: E402
+from attnc.bench.run import case_inputs  # noqa: E402
+
+SAMPLE_S = 0.02
+"""Seconds between two samples of the SM clock and the power drawn."""
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """One peer's stretch of back-to-back backward calls, and what NVML read during it."""
+
+    calls: int
+    seconds: float
+    millijoules: int
+    clocks_mhz: tuple[int, ...]
+    watts: tuple[float, ...]
+
+    def row(self, name: str) -> str:
+        return (f"{name:8s} {self.seconds / self.calls * 1e3:7.3f} ms/call  {self.millijoules / self.calls / 1e3:6.3f} "
+                f"J/call  SM clock median {statistics.median(self.clocks_mhz):5.0f} MHz (min {min(self.clocks_mhz)})  "
+                f"power median {statistics.median(self.watts):4.0f} W")
+
+
+def sustain(nvml, handle, call, sets: int, seconds: float) -> Stretch:
+    """``call(i)`` over ``sets`` input sets, back to back, for at least ``seconds``."""
+    samples, done = [], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            samples.append((nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
+                            nvml.nvmlDeviceGetPowerUsage(handle) / 1e3))
+            time.sleep(SAMPLE_S)
+
+    sampler = threading.Thread(target=sample)
+    torch.cuda.synchronize()
+    energy = nvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+    sampler.start()
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        for i in range(sets):
+            call(i)
+        calls += sets
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    energy = nvml.nvmlDeviceGetTotalEnergyConsumption(handle) - energy
+    return Stretch(calls, elapsed, energy, tuple(c for c, _ in samples), tuple(w for _, w in samples))
+
+
+def backward_call(peer: str, case, sets: int):
+    """The peer's backward on ``sets`` input sets of the case, as ``call(i)``; NotApplicable where it has none."""
+    qs, ks, vs = case_inputs(case, torch.bfloat16, sets, grad=True)
+    douts = [torch.randn_like(q) for q in qs]
+    learned = case.learned(torch.device("cuda"))
+    _, forward = PEERS[peer](case, qs, ks, vs)
+    outs = [forward(i) for i in range(sets)]
+
+    def call(i):
+        return torch.autograd.grad(outs[i], (qs[i], ks[i], vs[i], *learned), douts[i], retain_graph=True)
+    return call
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default="non-causal d128 S4k,causal d128 S4k",
+                        help="comma-separated starts of backward case names")
+    parser.add_argument("--peers", default="attnc,cudnn", help="comma-separated, of attnc bench's peers")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per peer and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    cases = []
+    for wanted in (w.strip() for w in args.cases.split(",") if w.strip()):
+        match = next((c for c in backward_cases() if c.name.startswith(wanted)), None)
+        if match is None:
+            parser.error(f"--cases: no backward case's name starts with {wanted!r}; the cases: "
+                         + ", ".join(c.name for c in backward_cases()))
+        cases.append(match)
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        parser.error(f"--peers: unknown peer(s) {unknown}; known: {', '.join(PEERS)}")
+    if not torch.cuda.is_available():
+        parser.error("the backward runs on a GPU, and torch sees none")
+    try:
+        import pynvml as nvml
+    except ImportError:
+        parser.error("the energy counter is read through NVML's Python binding: pip install nvidia-ml-py")
+    nvml.nvmlInit()
+    handle = nvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    limit = nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1e3
+    print(f"{torch.cuda.get_device_name()}, power limit {limit:.0f} W, bf16; {args.rounds} rounds of "
+          f"{args.seconds:g} s per peer")
+    sets = 4
+    for case in cases:
+        calls = {}
+        for peer in peers:
+            try:
+                calls[peer] = backward_call(peer, case, sets)
+            except NotApplicable as reason:
+                print(f"{case.name}: {peer} skipped ({reason})")
+        for call in calls.values():
+            for i in range(sets):
+                call(i)
+        for round_index in range(args.rounds):
+            for peer, call in calls.items():
+                print(f"{case.name:28s} round {round_index}  " + sustain(nvml, handle, call, sets, args.seconds).row(peer),
+                      flush=True)
+        del calls
+        torch.cuda.empty_cache()
+    nvml.nvmlShutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
