@@ -54,7 +54,7 @@ def test_measure_returns_positive_medians_over_rotating_buffers():
 
 def test_cuda_timing_queues_its_first_timed_run_behind_an_untimed_one(monkeypatch):
     """After the warm-up's sync the GPU is idle: a timed run enqueued then would also time the host launching it
-    (per-run times on the H200: an attnc backward's first run of each round 0.8-1.2 ms slower). A run enqueued
+    (per-run times on the H200: an attnc backward's first run of each round 0.7-1.2 ms slower). A run enqueued
     between the sync and the first event keeps the GPU busy while the timed ones are enqueued."""
     import contextlib
 
