@@ -23,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from attnc.bench.cases import backward_cases  # noqa: E402
-from attnc.bench.peers import PEERS, NotApplicable  # noqa: E402
-from attnc.bench.run import case_inputs  # noqa: E402
+from attnc.bench.cases import backward_cases, cases_named  # noqa: E402
+from attnc.bench.peers import PEERS, NotApplicable, backward_call  # noqa: E402
 
 SAMPLE_S = 0.02
 """Seconds between two samples of the SM clock and the power drawn."""
@@ -74,19 +73,6 @@ def sustain(nvml, handle, call, sets: int, seconds: float) -> Stretch:
     return Stretch(calls, elapsed, energy, tuple(c for c, _ in samples), tuple(w for _, w in samples))
 
 
-def backward_call(peer: str, case, sets: int):
-    """The peer's backward on ``sets`` input sets of the case, as ``call(i)``; NotApplicable where it has none."""
-    qs, ks, vs = case_inputs(case, torch.bfloat16, sets, grad=True)
-    douts = [torch.randn_like(q) for q in qs]
-    learned = case.learned(torch.device("cuda"))
-    _, forward = PEERS[peer](case, qs, ks, vs)
-    outs = [forward(i) for i in range(sets)]
-
-    def call(i):
-        return torch.autograd.grad(outs[i], (qs[i], ks[i], vs[i], *learned), douts[i], retain_graph=True)
-    return call
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="non-causal d128 S4k,causal d128 S4k",
@@ -95,13 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="per peer and round")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
-    cases = []
-    for wanted in (w.strip() for w in args.cases.split(",") if w.strip()):
-        match = next((c for c in backward_cases() if c.name.startswith(wanted)), None)
-        if match is None:
-            parser.error(f"--cases: no backward case's name starts with {wanted!r}; the cases: "
-                         + ", ".join(c.name for c in backward_cases()))
-        cases.append(match)
+    try:
+        cases = cases_named(args.cases, backward_cases())
+    except ValueError as error:
+        parser.error(f"--cases: {error}")
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
@@ -130,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 call(i)
         for round_index in range(args.rounds):
             for peer, call in calls.items():
-                print(f"{case.name:28s} round {round_index}  " + sustain(nvml, handle, call, sets, args.seconds).row(peer),
-                      flush=True)
+                stretch = sustain(nvml, handle, call, sets, args.seconds)
+                print(f"{case.name:28s} round {round_index}  " + stretch.row(peer), flush=True)
         del calls
         torch.cuda.empty_cache()
     nvml.nvmlShutdown()

@@ -165,3 +165,25 @@ def forward_cases(quick: bool = False) -> list[Case]:
 def backward_cases(quick: bool = False) -> list[Case]:
     """The backward benchmark: the forward's cases plus a learned relative bias (its table's gradient too)."""
     return forward_cases(quick) + [relative_bias()]
+
+
+def case_inputs(case: Case, dtype: torch.dtype, sets: int, grad: bool):
+    """``sets`` random (q, k, v) sets of the case's shapes on the GPU, as three lists (requiring grad with ``grad``)."""
+    def make(heads):
+        t = torch.randn(case.batch, heads, case.seq, case.dim, dtype=dtype, device="cuda")
+        return t.requires_grad_() if grad else t
+    return ([make(case.q_heads) for _ in range(sets)], [make(case.kv_heads) for _ in range(sets)],
+            [make(case.kv_heads) for _ in range(sets)])
+
+
+def cases_named(starts: str, cases: list[Case]) -> list[Case]:
+    """For each comma-separated start in ``starts``, the first of ``cases`` whose name begins with it; a start that
+    no name begins with is a ValueError naming it and listing the cases."""
+    found = []
+    for start in (s.strip() for s in starts.split(",") if s.strip()):
+        match = next((case for case in cases if case.name.startswith(start)), None)
+        if match is None:
+            raise ValueError(f"no case's name starts with {start!r}; the cases: "
+                             + ", ".join(case.name for case in cases))
+        found.append(match)
+    return found

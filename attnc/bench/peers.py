@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import attnc
-from attnc.bench.cases import Case
+from attnc.bench.cases import Case, case_inputs
 
 
 class NotApplicable(Exception):
@@ -94,3 +94,18 @@ PEERS: dict[str, Callable] = {
     "fa2": _sdpa("FLASH_ATTENTION"),
     "flex": _flex,
 }
+
+
+def backward_call(peer: str, case: Case, sets: int, dtype: torch.dtype = torch.bfloat16) -> Callable:
+    """The peer's backward on ``sets`` random input sets of the case, as ``call(i)`` (the forward ran once per set,
+    its graph kept); the gradients of q, k, v and the case's learned tensors. NotApplicable where the peer has
+    none."""
+    qs, ks, vs = case_inputs(case, dtype, sets, grad=True)
+    douts = [torch.randn_like(q) for q in qs]
+    learned = case.learned(torch.device("cuda"))
+    _, forward = PEERS[peer](case, qs, ks, vs)
+    outs = [forward(i) for i in range(sets)]
+
+    def call(i):
+        return torch.autograd.grad(outs[i], (qs[i], ks[i], vs[i], *learned), douts[i], retain_graph=True)
+    return call

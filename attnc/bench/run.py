@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from attnc.bench import report
-from attnc.bench.cases import Case, backward_cases, forward_cases
+from attnc.bench.cases import Case, backward_cases, case_inputs, forward_cases
 from attnc.bench.peers import PEERS, NotApplicable
 from attnc.schedules.timing import (
     Timing,
@@ -72,15 +72,6 @@ def timed_together(fns: dict[str, Callable], sets: int, repeats: int, device: to
 def _reason(error: Exception) -> str:
     """A peer's failure as its row records it: the exception's type and the first line of its message."""
     return f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-
-
-def case_inputs(case: Case, dtype: torch.dtype, sets: int, grad: bool):
-    """``sets`` random (q, k, v) sets of the case's shapes on the GPU, as three lists (requiring grad with ``grad``)."""
-    def make(heads):
-        t = torch.randn(case.batch, heads, case.seq, case.dim, dtype=dtype, device="cuda")
-        return t.requires_grad_() if grad else t
-    return ([make(case.q_heads) for _ in range(sets)], [make(case.kv_heads) for _ in range(sets)],
-            [make(case.kv_heads) for _ in range(sets)])
 
 
 def _prebuild(cases: list[Case], dtype: torch.dtype, backward: bool, workers: int = 16) -> None:

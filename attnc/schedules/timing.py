@@ -3,8 +3,9 @@ FLOP count that turns a time into TFLOP/s by DESIGN.md's convention (unmasked sc
 
 `measure(fn, buffers, device=...)` runs ``fn(*buffers[i % len(buffers)])`` a few times to warm up, then ``reps``
 times more, each run timed on its own: on CUDA between two ``torch.cuda.Event`` records on the current stream, queued
-behind an untimed run (device time, launch overhead excluded), on the CPU with ``time.perf_counter``. Rotating among several input sets
-keeps a kernel from reading inputs the previous run left in L2; `buffer_count` says how many sets that takes.
+behind an untimed run (device time, launch overhead excluded), on the CPU with ``time.perf_counter``. Rotating among
+several input sets keeps a kernel from reading inputs the previous run left in L2; `buffer_count` says how many sets
+that takes.
 """
 
 from __future__ import annotations

@@ -55,6 +55,18 @@ def test_cases_build_specs_and_flex_mods_that_agree():
             assert int(flex.sum()) == ours, case.name
 
 
+def test_cases_are_picked_by_the_starts_of_their_names_in_the_order_given():
+    import pytest
+
+    from attnc.bench.cases import cases_named
+
+    cases = backward_cases()
+    picked = cases_named("causal d128 S4k, non-causal d128", cases)
+    assert [c.name for c in picked] == ["causal d128 S4k", "non-causal d128 S4k"]
+    with pytest.raises(ValueError, match="no case's name starts with 'nope'; the cases: non-causal d128 S4k, "):
+        cases_named("causal,nope", cases)
+
+
 def test_report_writes_json_markdown_and_plot(tmp_path):
     rows = [
         {"case": "causal", "peer": "attnc", "tflops": 600.0, "setup_ms": 4200.0, "peak_mib": 2.0, "max_diff": 1e-3},
@@ -189,7 +201,7 @@ def test_power_script_names_a_wrong_case_a_wrong_peer_and_a_missing_gpu(capsys):
     with pytest.raises(SystemExit):
         script.main(["--cases", "no such case"])
     err = capsys.readouterr().err
-    assert "--cases: no backward case's name starts with 'no such case'" in err and "relative bias" in err
+    assert "--cases: no case's name starts with 'no such case'" in err and "relative bias" in err
     with pytest.raises(SystemExit):
         script.main(["--peers", "attnc,nobody"])
     assert "--peers: unknown peer(s) ['nobody']" in capsys.readouterr().err
@@ -221,3 +233,38 @@ def test_peers_are_timed_in_interleaved_rounds_and_a_failing_one_is_reported():
     assert blocks == ["a", "b"] * 4
     assert [len(list(group)) for _, group in itertools.groupby(calls)] == [5 + 3, 5 + 3, 1 + 3, 1 + 3, 1 + 2, 1 + 2,
                                                                            1 + 2, 1 + 2]
+
+
+def test_variants_script_renders_from_each_variants_directory_and_refuses_an_incomplete_one(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """benchmarks/bwd_variants.py: a variant is "main" or a directory holding every template; inside
+    ``templates(variant)`` attnc renders from it (the environment variable spawned builders inherit), and the
+    variable is restored after."""
+    import pytest
+
+    from attnc.codegen import render
+
+    script = _benchmark_script("bwd_variants")
+    for template in render.TEMPLATE_DIR.iterdir():
+        (tmp_path / template.name).write_text(template.read_text())
+    assert script.check_variant("main") is None and script.check_variant(str(tmp_path)) is None
+    monkeypatch.setenv(render.TEMPLATE_DIR_ENV, "/elsewhere")
+    with script.templates(str(tmp_path)):
+        assert render.template_dir() == str(tmp_path.resolve())
+    with script.templates("main"):
+        assert render.template_dir() == str(render.TEMPLATE_DIR)
+    assert render.template_dir() == "/elsewhere"
+    (tmp_path / "bwd.py.j2").unlink()
+    assert "missing: bwd.py.j2" in script.check_variant(str(tmp_path))
+    with pytest.raises(SystemExit):
+        script.main(["main", str(tmp_path)])
+    assert f"variants: {str(tmp_path)!r} is not a directory of every template (missing: bwd.py.j2)" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main(["main", "--cases", "nope"])
+    assert "--cases: no case's name starts with 'nope'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            script.main(["main"])
+        assert "the backward runs on a GPU, and torch sees none" in capsys.readouterr().err
+

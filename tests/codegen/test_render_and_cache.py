@@ -44,6 +44,27 @@ def test_a_missing_context_field_fails_the_render():
         render.render(dataclasses.replace(ctx, family="nope"))
 
 
+def test_a_template_directory_in_the_environment_replaces_the_packages(tmp_path, monkeypatch):
+    """ATTNC_TEMPLATE_DIR renders a variant of the templates (an A/B of a template change): the variant's source,
+    under its own cache key; a family the directory lacks is a BuildError naming the directory."""
+    spec = attnc.Attention(4, qk_dim=32)
+    package = Kernel.render("cpu_fwd", spec.ir, KernelConfig(16, 32, 1, 1), "float32", Target("cpu"))
+    for template in render.TEMPLATE_DIR.iterdir():
+        (tmp_path / template.name).write_text(template.read_text())
+    variant = (tmp_path / "cpu_fwd.py.j2").read_text() + "# a variant\n"
+    (tmp_path / "cpu_fwd.py.j2").write_text(variant)
+    monkeypatch.setenv(render.TEMPLATE_DIR_ENV, str(tmp_path))
+    assert render.template_dir() == str(tmp_path)
+    changed = Kernel.render("cpu_fwd", spec.ir, KernelConfig(16, 32, 1, 1), "float32", Target("cpu"))
+    assert changed.source == package.source + "# a variant\n" and changed.key != package.key
+    (tmp_path / "cpu_fwd.py.j2").unlink()
+    render.environment.cache_clear()  # jinja2 caches loaded templates per environment
+    with pytest.raises(BuildError, match=f"no template for kernel family 'cpu_fwd' in {tmp_path}"):
+        Kernel.render("cpu_fwd", spec.ir, KernelConfig(16, 32, 1, 1), "float32", Target("cpu"))
+    monkeypatch.delenv(render.TEMPLATE_DIR_ENV)
+    assert Kernel.render("cpu_fwd", spec.ir, KernelConfig(16, 32, 1, 1), "float32", Target("cpu")).key == package.key
+
+
 def cpu_key(spec, config=KernelConfig(16, 32, 1, 1), dtype="float32"):
     return Kernel.render("cpu_fwd", spec.ir, config, dtype, Target("cpu")).key
 
