@@ -132,22 +132,6 @@ def test_no_benchmark_script_shadows_a_standard_module():
     assert scripts and not scripts & set(sys.stdlib_module_names)
 
 
-def test_profile_script_names_a_wrong_case_and_a_missing_gpu(capsys):
-    """benchmarks/profile_case.py (a peer's forward or backward run a few times, for ncu) rejects a case no quick
-    case's name starts with, listing the cases, and says when there is no GPU to run on."""
-    import pytest
-
-    script = _benchmark_script("profile_case")
-    with pytest.raises(SystemExit):
-        script.main(["no such case", "attnc"])
-    err = capsys.readouterr().err
-    assert "case: no quick case's name starts with 'no such case'" in err and "'causal d128 S4k'" in err
-    if not torch.cuda.is_available():
-        with pytest.raises(SystemExit):
-            script.main(["--backward", "causal d128", "attnc"])
-        assert "the peers run on a GPU, and torch sees none" in capsys.readouterr().err
-
-
 def _benchmark_script(name):
     """benchmarks/<name>.py as a module (the scripts are not a package)."""
     import importlib.util
@@ -161,6 +145,26 @@ def _benchmark_script(name):
     return script
 
 
+def _refusal(script, argv, capsys) -> str:
+    """What ``script.main(argv)`` printed to stderr as it exited (argparse's error)."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        script.main(argv)
+    return capsys.readouterr().err
+
+
+def test_profile_script_names_a_wrong_case_and_a_missing_gpu(capsys):
+    """benchmarks/profile_case.py (a peer's forward or backward run a few times, for ncu) rejects a case no quick
+    case's name starts with, listing the cases, and says when there is no GPU to run on."""
+    script = _benchmark_script("profile_case")
+    err = _refusal(script, ["no such case", "attnc"], capsys)
+    assert "case: no quick case's name starts with 'no such case'" in err and "'causal d128 S4k'" in err
+    if not torch.cuda.is_available():
+        err = _refusal(script, ["--backward", "causal d128", "attnc"], capsys)
+        assert "the peers run on a GPU, and torch sees none" in err
+
+
 def test_block_cost_fit_splits_main_kernel_time_into_fixed_and_per_tile_parts():
     """benchmarks/bwd_block_cost.py: main-kernel times on a line (with noise that cancels) give back the line's
     intercept and slope, divided over the grid's waves."""
@@ -172,16 +176,11 @@ def test_block_cost_fit_splits_main_kernel_time_into_fixed_and_per_tile_parts():
 
 
 def test_block_cost_script_wants_two_lengths_and_a_gpu(capsys):
-    import pytest
-
     script = _benchmark_script("bwd_block_cost")
-    with pytest.raises(SystemExit):
-        script.main(["--q-lens", "1024"])
-    assert "--q-lens: a line needs at least two lengths; got '1024'" in capsys.readouterr().err
+    err = _refusal(script, ["--q-lens", "1024"], capsys)
+    assert "--q-lens: a line needs at least two lengths; got '1024'" in err
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit):
-            script.main([])
-        assert "the backward's main kernel runs on a GPU, and torch sees none" in capsys.readouterr().err
+        assert "the backward's main kernel runs on a GPU, and torch sees none" in _refusal(script, [], capsys)
 
 
 def test_power_stretch_reports_time_energy_clock_and_power_per_call():
@@ -195,20 +194,12 @@ def test_power_stretch_reports_time_energy_clock_and_power_per_call():
 
 
 def test_power_script_names_a_wrong_case_a_wrong_peer_and_a_missing_gpu(capsys):
-    import pytest
-
     script = _benchmark_script("bwd_power")
-    with pytest.raises(SystemExit):
-        script.main(["--cases", "no such case"])
-    err = capsys.readouterr().err
+    err = _refusal(script, ["--cases", "no such case"], capsys)
     assert "--cases: no case's name starts with 'no such case'" in err and "relative bias" in err
-    with pytest.raises(SystemExit):
-        script.main(["--peers", "attnc,nobody"])
-    assert "--peers: unknown peer(s) ['nobody']" in capsys.readouterr().err
+    assert "--peers: unknown peer(s) ['nobody']" in _refusal(script, ["--peers", "attnc,nobody"], capsys)
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit):
-            script.main([])
-        assert "the backward runs on a GPU, and torch sees none" in capsys.readouterr().err
+        assert "the backward runs on a GPU, and torch sees none" in _refusal(script, [], capsys)
 
 
 def test_peers_are_timed_in_interleaved_rounds_and_a_failing_one_is_reported():
@@ -240,8 +231,6 @@ def test_variants_script_renders_from_each_variants_directory_and_refuses_an_inc
     """benchmarks/bwd_variants.py: a variant is "main" or a directory holding every template; inside
     ``templates(variant)`` attnc renders from it (the environment variable spawned builders inherit), and the
     variable is restored after."""
-    import pytest
-
     from attnc.codegen import render
 
     script = _benchmark_script("bwd_variants")
@@ -256,15 +245,9 @@ def test_variants_script_renders_from_each_variants_directory_and_refuses_an_inc
     assert render.template_dir() == "/elsewhere"
     (tmp_path / "bwd.py.j2").unlink()
     assert "missing: bwd.py.j2" in script.check_variant(str(tmp_path))
-    with pytest.raises(SystemExit):
-        script.main(["main", str(tmp_path)])
-    assert f"variants: {str(tmp_path)!r} is not a directory of every template (missing: bwd.py.j2)" in \
-        capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        script.main(["main", "--cases", "nope"])
-    assert "--cases: no case's name starts with 'nope'" in capsys.readouterr().err
+    err = _refusal(script, ["main", str(tmp_path)], capsys)
+    assert f"variants: {str(tmp_path)!r} is not a directory of every template (missing: bwd.py.j2)" in err
+    assert "--cases: no case's name starts with 'nope'" in _refusal(script, ["main", "--cases", "nope"], capsys)
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit):
-            script.main(["main"])
-        assert "the backward runs on a GPU, and torch sees none" in capsys.readouterr().err
+        assert "the backward runs on a GPU, and torch sees none" in _refusal(script, ["main"], capsys)
 
