@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import sys
 from pathlib import Path
@@ -25,13 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-import attnc  # noqa: E402
 from attnc.bench.cases import backward_cases, cases_named  # noqa: E402
 from attnc.bench.peers import NotApplicable, backward_call  # noqa: E402
-from attnc.bench.run import timed_together  # noqa: E402
+from attnc.bench.run import prebuild, timed_together  # noqa: E402
 from attnc.codegen import render  # noqa: E402
-from attnc.runtime.autograd import backward_for  # noqa: E402
-from attnc.runtime.kernels import KERNEL_DTYPES, Kernel, build_in_parallel  # noqa: E402
 from attnc.schedules.timing import attention_flops, tflops, unmasked_elements  # noqa: E402
 
 DTYPE = torch.bfloat16
@@ -62,22 +58,13 @@ def check_variant(variant: str) -> str | None:
         if missing else None
 
 
-def build_variants(variants: list[str], cases, device: torch.device) -> list[str]:
-    """Build every variant's forward and backward kernels for the cases in spawned processes; their errors."""
+def build_variants(variants: list[str], cases) -> list[str]:
+    """Build every variant's kernels for the cases in spawned processes (`attnc bench`'s prebuild, which the
+    variant's environment reaches); their errors."""
     errors = []
     for variant in variants:
         with templates(variant):
-            jobs = []
-            for case in cases:
-                op = attnc.compile(case.spec(device), target="cuda")
-                captured = op.spec.captured_tensors()
-                learned = {id(t) for t in case.learned(device)}
-                grads = tuple(t.name for t in op.ir.inputs if id(captured.get(t.name)) in learned)
-                config = op.config_for(DTYPE, case.batch, case.seq, case.seq)[0]
-                jobs.append(functools.partial(Kernel.render, "fwd", op.ir, config, KERNEL_DTYPES[DTYPE], op.target))
-                backward_config = op.backward_config_for(DTYPE, case.batch, case.seq, case.seq)[0]
-                jobs += backward_for(op, DTYPE, grads, config=backward_config).build_jobs()
-            errors += [f"{variant}: {e}" for e in build_in_parallel(jobs, min(16, len(jobs))) if e]
+            errors += [f"{variant}: {e}" for e in prebuild(cases, DTYPE, backward=True)]
     return errors
 
 
@@ -99,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         parser.error("the backward runs on a GPU, and torch sees none")
     device = torch.device("cuda")
-    errors = build_variants(args.variants, cases, device)
+    errors = build_variants(args.variants, cases)
     if errors:
         print("\n".join(errors))
         return 1

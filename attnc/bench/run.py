@@ -74,9 +74,10 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
 
 
-def _prebuild(cases: list[Case], dtype: torch.dtype, backward: bool, workers: int = 16) -> None:
+def prebuild(cases: list[Case], dtype: torch.dtype, backward: bool, workers: int = 16) -> list[str]:
     """Build attnc's kernels for every case in parallel processes first: the config a call dispatches to and every
-    default one (what ``attnc.compile(..., dtype=...)`` builds); the timed loop then loads them from disk."""
+    default one (what ``attnc.compile(..., dtype=...)`` builds); the timed loop then loads them from disk. The
+    builds' errors, one line each (a kernel that failed fails again, with its traceback, when first called)."""
     import functools
 
     import attnc
@@ -92,7 +93,7 @@ def _prebuild(cases: list[Case], dtype: torch.dtype, backward: bool, workers: in
                    *default_configs(op.family, op.target.arch, op.ir, KERNEL_DTYPES[dtype])}
         jobs += [functools.partial(Kernel.render, "fwd", op.ir, config, KERNEL_DTYPES[dtype], op.target)
                  for config in configs]
-    build_in_parallel(jobs, min(workers, len(jobs)))
+    errors = build_in_parallel(jobs, min(workers, len(jobs)))
     if backward:
         jobs = []
         for case, op in ops:
@@ -101,7 +102,8 @@ def _prebuild(cases: list[Case], dtype: torch.dtype, backward: bool, workers: in
             grads = tuple(t.name for t in op.ir.inputs if id(captured.get(t.name)) in learned)
             config = op.backward_config_for(dtype, case.batch, case.seq, case.seq)[0]  # what the timed calls run
             jobs += autograd.backward_for(op, dtype, grads, config=config).build_jobs()
-        build_in_parallel(jobs, workers)
+        errors += build_in_parallel(jobs, workers)
+    return [error for error in errors if error]
 
 
 def tune_cases(cases: list[Case], dtype: torch.dtype, budget_s: float, max_candidates: int | None,
@@ -156,7 +158,7 @@ def run(cases: list[Case], peers: list[str], *, backward: bool = False, dtype: t
             tuned = tune_cases(cases, dtype, tune_budget_s, tune_candidates, log)
             peers = [p for p in peers if p != "attnc_default"]
             peers.insert(peers.index("attnc") + 1, "attnc_default")
-        _prebuild(cases, dtype, backward)
+        prebuild(cases, dtype, backward)
     first_call = first_calls(cases, log) if tune else {}
     results = []
     for case in cases:
