@@ -207,7 +207,7 @@ class Backward:
             dsinks = sink_parts.sum(-1)
         dk_out, dv_out = self._dkv_buffers(k, v)
         if self.dq_mode == "atomic":
-            dq_acc = torch.zeros(q.shape, **f32)
+            dq_acc = torch.zeros(self.dq_acc_shape(q), **f32)
             self.stage("main")(q, k, v, *extras, *main_mask, lse, dout, delta, dq_acc, dk_out, dv_out,
                                *grads.values())
             dq = torch.empty_like(q)
@@ -218,6 +218,16 @@ class Backward:
             dq_mask = stage_mask("dq")
             self.stage("dq")(q, k, v, *extras, *dq_mask, lse, dout, delta, dq)
         return dq, self._finish_dkv(dk_out, k), self._finish_dkv(dv_out, v), grads, dsinks
+
+    def dq_acc_shape(self, q: torch.Tensor) -> tuple[int, ...]:
+        """The shape of the fp32 dQ accumulator that the cuda main kernel adds into and 'post' reads: ``q``'s, or with
+        ``dq_tma_reduce`` (batch, heads, q tiles, block_m * qk_dim), one q tile's dQ after another (the bwd template
+        says in what order)."""
+        if not self.dq_tma_reduce:
+            return tuple(q.shape)
+        batch, q_len = q.shape[0], q.shape[1 if self.ir.layout == "bshd" else 2]
+        block_m = self.config.block_m
+        return (batch, self.ir.q_heads, -(-q_len // block_m), block_m * self.ir.qk_dim)
 
     def _dkv_buffers(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the cuda main kernel writes dK, dV into (see `attnc.codegen.context.dkv_mode`)."""

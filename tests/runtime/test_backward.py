@@ -286,8 +286,8 @@ def test_cuda_backward_builds_for_sm90a():
     assert "wgmma" in main and "AtomicAdd((&(grad_slopes" in main and "grad_table" in main and "dQacc" in main
     assert "tma_load" in main and "AtomicAddx2((&(dK[" in main  # warp-specialised; GQA: dK summed by atomics
     writer = main[main.index("dq_full[0].wait("):main.index("dq_empty[0].arrive()")]  # the producer's dQ writer warp
-    assert "tma_store_add(dQacc_desc" in writer and "tma_store_wait" in writer
-    assert main.count("tma_store_add(dQacc_desc") == 1 and "dq_full[0].arrive()" in main  # consumers only hand over
+    assert "tma_store_add((&(((float*)dq_shared)[0])), (&(dQacc[" in writer and "tma_store_wait" in writer
+    assert main.count("tma_store_add(") == 1 and "dq_full[0].arrive()" in main  # consumers only hand over
     assert "Sinks" in atomic.stage("pre").device_source()
     atomic.stage("post").build()
     separate = cuda_backward("sm_90a", "separate", layout="bhsd", features=False)
@@ -370,7 +370,7 @@ def test_sm90a_main_kernel_stores_the_dq_tile_while_the_dk_gemm_runs():
             "T.wgmma_gemm(dsT_shared[t % 2, :, :], K_shared, dq,",
             "T.wgmma_gemm(dsT_cast, q_shared[t % 2, :, :], dk,",
             "T.wait_wgmma(1)\n                    T.warpgroup_fence_operand(dq,",
-            "T.copy(dq, dq_shared)",
+            "dq_shared[((d // 8) * 64 + i) * 8 + d % 8] = dq[i, d]",
             "T.barrier_arrive(dq_full)",
             "T.wait_wgmma(0)\n                    T.warpgroup_fence_operand(dv,",
             "T.barrier_arrive(q_empty[t % 2])")]
@@ -378,6 +378,32 @@ def test_sm90a_main_kernel_stores_the_dq_tile_while_the_dk_gemm_runs():
         assert loop.count("T.wgmma_gemm(") == 5
     sm80 = cuda_backward("sm_80", "atomic", dims=(128, 128), features=False).stage("main").source
     assert sm80.index("dk, policy=") < sm80.index("K_shared, dq,")  # no writer warp: dK first, as before
+
+
+def test_dq_accumulator_is_tile_by_tile_where_tma_adds_it():
+    """With TMA reduce-add the main kernel adds each dQ tile with one bulk reduce-add to a (batch, heads, q tiles,
+    block_m * qk_dim) accumulator, storing the tile in column groups of 8 rows; 'post' reads that layout and the
+    runtime allocates it. Without TMA (sm_80) every stage keeps q's layout."""
+    def dqacc_params(backward):
+        return [re.search(r"dQacc: T\.Tensor\((\(.*\)), \"float32\"\)", backward.stage(stage).source).group(1)
+                for stage in ("main", "post")]
+    q = torch.empty(2, 8, 100, 128)  # bhsd
+    tma = cuda_backward("sm_90a", "atomic", dims=(128, 128), layout="bhsd", features=False)
+    assert tma.dq_tma_reduce and tma.config.block_m == 64
+    assert dqacc_params(tma) == ["(batch, 8, dq_tiles, 8192)"] * 2
+    assert tma.dq_acc_shape(q) == (2, 8, 2, 8192)
+    main = tma.stage("main").source
+    assert "dq_shared[((d // 8) * 64 + i) * 8 + d % 8] = dq[i, d]" in main
+    post = tma.stage("post").source
+    assert "T.cast(dQacc[b, h, q_tile, ((d // 8) * 64 + i) * 8 + d % 8] * " in post
+    writer = tma.stage("main").device_source()
+    writer = writer[writer.index("dq_full[0].wait("):writer.index("dq_empty[0].arrive()")]
+    assert "tl::tma_store_add((&(((float*)dq_shared)[0])), (&(dQacc[" in writer and ", 32768);" in writer
+    assert "tma_store_wait<0, true>()" in writer
+    sm80 = cuda_backward("sm_80", "atomic", dims=(128, 128), layout="bhsd", features=False)
+    assert not sm80.dq_tma_reduce
+    assert dqacc_params(sm80) == ["(batch, 8, q_len, 128)"] * 2
+    assert sm80.dq_acc_shape(q) == (2, 8, 100, 128)
 
 
 def test_sm90a_main_kernel_tests_the_mask_only_on_partial_tiles():
