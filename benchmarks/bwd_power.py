@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from attnc.bench.cases import backward_cases, cases_named  # noqa: E402
 from attnc.bench.peers import PEERS, NotApplicable, backward_call  # noqa: E402
+from attnc.bench.run import prebuild  # noqa: E402
 
 SAMPLE_S = 0.02
 """Seconds between two samples of the SM clock and the power drawn."""
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     limit = nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1e3
     print(f"{torch.cuda.get_device_name()}, power limit {limit:.0f} W, bf16; {args.rounds} rounds of "
           f"{args.seconds:g} s per peer")
+    if "attnc" in peers:  # in parallel, as `attnc bench` does: the first calls would build one kernel at a time
+        for error in prebuild(cases, torch.bfloat16, backward=True):
+            print(f"build: {error}")
     sets = 4
     for case in cases:
         calls = {}
