@@ -392,6 +392,8 @@ def test_dq_accumulator_is_tile_by_tile_where_tma_adds_it():
     assert tma.dq_tma_reduce and tma.config.block_m == 64
     assert dqacc_params(tma) == ["(batch, 8, dq_tiles, 8192)"] * 2
     assert tma.dq_acc_shape(q) == (2, 8, 2, 8192)
+    bshd = cuda_backward("sm_90a", "atomic", dims=(128, 128), layout="bshd", features=False)
+    assert bshd.dq_acc_shape(q.transpose(1, 2)) == (2, 8, 2, 8192)
     main = tma.stage("main").source
     assert "dq_shared[((d // 8) * 64 + i) * 8 + d % 8] = dq[i, d]" in main
     post = tma.stage("post").source
