@@ -568,10 +568,11 @@ def check_cuda(op, q_len, kv_len, dtype, batch=2):
                        cuda(sinks), cuda(d_out), cuda(d_lse), dtype)
     got = {n: g.cpu() for n, g in got.items()}
 
-    def rule(name):  # DESIGN.md's rule; torch's error floored at half an ulp of the largest gradient: a reduced
-        # gradient (sinks: a handful of sums) is rounded once by torch, and one lucky rounding must not set the bar
-        half_ulp = torch.finfo(dtype).eps / 2 * want[name].abs().max().item()
-        return 2 * max((torch_low[name].double() - want[name]).abs().max().item(), half_ulp) + 1e-5
+    def rule(name):  # DESIGN.md's rule, torch's error floored at one ulp of the largest gradient: the kernel rounds
+        # dS before its gemm and the gradient on output, up to an ulp at 1x1 (1.05 ulp seen), where torch's error
+        # over a few elements can be a lucky fraction of one (sixteenth session: 1-2% of draws failed at half an ulp)
+        ulp = torch.finfo(dtype).eps * want[name].abs().max().item()
+        return 2 * max((torch_low[name].double() - want[name]).abs().max().item(), ulp) + 1e-5
 
     assert_close(got, want, rule)
 
