@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from attnc.bench.cases import backward_cases, cases_named  # noqa: E402
-from attnc.bench.peers import PEERS, NotApplicable, backward_call  # noqa: E402
+from attnc.bench.peers import NotApplicable, backward_call, peers_named  # noqa: E402
 from attnc.bench.run import prebuild  # noqa: E402
 
 SAMPLE_S = 0.02
@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         cases = cases_named(args.cases, backward_cases())
     except ValueError as error:
         parser.error(f"--cases: {error}")
-    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    unknown = [p for p in peers if p not in PEERS]
-    if unknown:
-        parser.error(f"--peers: unknown peer(s) {unknown}; known: {', '.join(PEERS)}")
+    try:
+        peers = peers_named(args.peers)
+    except ValueError as error:
+        parser.error(f"--peers: {error}")
     if not torch.cuda.is_available():
         parser.error("the backward runs on a GPU, and torch sees none")
     try:

@@ -96,6 +96,16 @@ PEERS: dict[str, Callable] = {
 }
 
 
+def peers_named(names: str) -> list[str]:
+    """The comma-separated peer names in ``names``; one that is not a key of `PEERS` is a ValueError naming it and
+    listing the peers."""
+    peers = [p.strip() for p in names.split(",") if p.strip()]
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown peer(s) {unknown}; known: {', '.join(PEERS)}")
+    return peers
+
+
 def backward_call(peer: str, case: Case, sets: int, dtype: torch.dtype = torch.bfloat16) -> Callable:
     """The peer's backward on ``sets`` random input sets of the case, as ``call(i)`` (the forward ran once per set,
     its graph kept); the gradients of q, k, v and the case's learned tensors. NotApplicable where the peer has

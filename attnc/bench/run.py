@@ -23,7 +23,7 @@ import torch
 
 from attnc.bench import report
 from attnc.bench.cases import Case, backward_cases, case_inputs, forward_cases
-from attnc.bench.peers import PEERS, NotApplicable
+from attnc.bench.peers import PEERS, NotApplicable, peers_named
 from attnc.schedules.timing import (
     Timing,
     attention_flops,
@@ -268,10 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cases:
         wanted = [w.strip() for w in args.cases.split(",")]
         cases = [c for c in cases if any(w in c.name for w in wanted)]
-    peers = [p.strip() for p in args.peers.split(",")]
-    unknown = [p for p in peers if p not in PEERS]
-    if unknown:
-        parser.error(f"unknown peer(s) {unknown}; known: {', '.join(PEERS)}")
+    try:
+        peers = peers_named(args.peers)
+    except ValueError as error:
+        parser.error(str(error))
     results = run(cases, peers, backward=args.backward, repeats=args.repeats, tune=args.tune,
                   tune_budget_s=args.tune_budget, tune_candidates=args.tune_candidates)
     direction = "Backward" if args.backward else "Forward"

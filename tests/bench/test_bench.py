@@ -202,6 +202,36 @@ def test_power_script_names_a_wrong_case_a_wrong_peer_and_a_missing_gpu(capsys):
         assert "the backward runs on a GPU, and torch sees none" in _refusal(script, [], capsys)
 
 
+def test_kernel_times_are_means_per_call_longest_first_with_names_cut():
+    """benchmarks/bwd_kernels.py: each kernel's launches over the profiled calls, as µs per call."""
+    script = _benchmark_script("bwd_kernels")
+    long_name = "void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*, unsigned int, unsigned int)"
+    launches = [("attnc_bwd_main_kernel", 900.0), ("attnc_bwd_pre_kernel", 70.0), (long_name, 110.0),
+                ("attnc_bwd_main_kernel", 1100.0), ("attnc_bwd_pre_kernel", 66.0), (long_name, 106.0)]
+    assert script.kernel_times(launches, calls=2) == [
+        ("attnc_bwd_main_kernel", 1000.0), (long_name[:script.NAME_CHARS], 108.0), ("attnc_bwd_pre_kernel", 68.0)]
+
+
+def test_kernels_script_names_a_wrong_case_a_wrong_peer_and_a_missing_gpu(capsys):
+    script = _benchmark_script("bwd_kernels")
+    err = _refusal(script, ["--cases", "no such case"], capsys)
+    assert "--cases: no case's name starts with 'no such case'" in err and "document (8 docs)" in err
+    assert "--peers: unknown peer(s) ['nobody']" in _refusal(script, ["--peers", "flex,nobody"], capsys)
+    assert "--calls: at least one call is profiled; got 0" in _refusal(script, ["--calls", "0"], capsys)
+    if not torch.cuda.is_available():
+        assert "the backward runs on a GPU, and torch sees none" in _refusal(script, [], capsys)
+
+
+def test_peers_are_named_by_a_comma_separated_list_and_an_unknown_one_is_refused():
+    import pytest
+
+    from attnc.bench.peers import PEERS, peers_named
+
+    assert peers_named(" attnc, flex,") == ["attnc", "flex"]
+    with pytest.raises(ValueError, match=r"unknown peer\(s\) \['sdpa'\]; known: " + ", ".join(PEERS)):
+        peers_named("attnc,sdpa")
+
+
 def test_peers_are_timed_in_interleaved_rounds_and_a_failing_one_is_reported():
     """Each round runs every function in turn (after a longer warm-up in the first): 10 runs in 4 rounds are 3, 3,
     2, 2, so neither peer owns a stretch of the run. A function that raises is returned as its exception, and the
