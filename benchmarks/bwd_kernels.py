@@ -21,9 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from attnc.bench.cases import backward_cases, cases_named  # noqa: E402
-from attnc.bench.peers import NotApplicable, backward_call, peers_named  # noqa: E402
-from attnc.bench.run import prebuild  # noqa: E402
+from attnc.bench.peers import NotApplicable, backward_call  # noqa: E402
+from attnc.bench.run import backward_cases_and_peers, prebuild  # noqa: E402
 
 NAME_CHARS = 72
 """Kernel names are cut to this many characters (templated C++ names run to hundreds)."""
@@ -56,14 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default="attnc,cudnn,flex", help="comma-separated, of attnc bench's peers")
     parser.add_argument("--calls", type=int, default=10, help="profiled calls per peer and case")
     args = parser.parse_args(argv)
-    try:
-        cases = cases_named(args.cases, backward_cases())
-    except ValueError as error:
-        parser.error(f"--cases: {error}")
-    try:
-        peers = peers_named(args.peers)
-    except ValueError as error:
-        parser.error(f"--peers: {error}")
+    cases, peers = backward_cases_and_peers(parser, args.cases, args.peers)
     if args.calls < 1:
         parser.error(f"--calls: at least one call is profiled; got {args.calls}")
     if not torch.cuda.is_available():

@@ -23,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from attnc.bench.cases import backward_cases, cases_named  # noqa: E402
-from attnc.bench.peers import NotApplicable, backward_call, peers_named  # noqa: E402
-from attnc.bench.run import prebuild  # noqa: E402
+from attnc.bench.peers import NotApplicable, backward_call  # noqa: E402
+from attnc.bench.run import backward_cases_and_peers, prebuild  # noqa: E402
 
 SAMPLE_S = 0.02
 """Seconds between two samples of the SM clock and the power drawn."""
@@ -82,14 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="per peer and round")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
-    try:
-        cases = cases_named(args.cases, backward_cases())
-    except ValueError as error:
-        parser.error(f"--cases: {error}")
-    try:
-        peers = peers_named(args.peers)
-    except ValueError as error:
-        parser.error(f"--peers: {error}")
+    cases, peers = backward_cases_and_peers(parser, args.cases, args.peers)
     if not torch.cuda.is_available():
         parser.error("the backward runs on a GPU, and torch sees none")
     try:

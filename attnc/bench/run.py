@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from attnc.bench import report
-from attnc.bench.cases import Case, backward_cases, case_inputs, forward_cases
+from attnc.bench.cases import Case, backward_cases, case_inputs, cases_named, forward_cases
 from attnc.bench.peers import PEERS, NotApplicable, peers_named
 from attnc.schedules.timing import (
     Timing,
@@ -35,6 +35,19 @@ from attnc.schedules.timing import (
 
 ROUNDS = 4
 """Every case's peers are timed in this many interleaved rounds (`timed_together`)."""
+
+
+def backward_cases_and_peers(parser: argparse.ArgumentParser, cases: str, peers: str) -> tuple[list[Case], list[str]]:
+    """What a backward script's ``--cases`` (comma-separated starts of case names) and ``--peers`` name; a name
+    that matches none exits through ``parser.error``, naming the option."""
+    try:
+        named_cases = cases_named(cases, backward_cases())
+    except ValueError as error:
+        parser.error(f"--cases: {error}")
+    try:
+        return named_cases, peers_named(peers)
+    except ValueError as error:
+        parser.error(f"--peers: {error}")
 
 
 def timed_together(fns: dict[str, Callable], sets: int, repeats: int, device: torch.device | str = "cuda",
