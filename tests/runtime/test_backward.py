@@ -570,7 +570,8 @@ def check_cuda(op, q_len, kv_len, dtype, batch=2):
 
     def rule(name):  # DESIGN.md's rule, torch's error floored at one ulp of the largest gradient: the kernel rounds
         # dS before its gemm and the gradient on output, up to an ulp at 1x1 (1.05 ulp seen), where torch's error
-        # over a few elements can be a lucky fraction of one (sixteenth session: 1-2% of draws failed at half an ulp)
+        # over a few elements can be a lucky fraction of one (sixteenth session: at half an ulp, 1 of 60 seeded
+        # draws failed, 1x1 at head dim 128 in bf16)
         ulp = torch.finfo(dtype).eps * want[name].abs().max().item()
         return 2 * max((torch_low[name].double() - want[name]).abs().max().item(), ulp) + 1e-5
 
