@@ -255,7 +255,8 @@ class BackwardContext:
     dV accumulators per kv head, added to by every q head's block) or 'partial' (GQA, deterministic: fp32 dK, dV per
     q head, summed over the group afterwards). ``warp_specialized``: sm_90a's main kernel (a TMA producer warpgroup,
     asynchronous wgmma); ``dq_tma_reduce``: it adds each dQ tile with one TMA reduce-add from shared memory instead
-    of per-thread atomics. ``score_grad``:
+    of per-thread atomics; ``dq_first_store`` (with it): the first block to reach a dQ tile stores it and the others
+    add to it, counted in a ticket per tile that 'pre' zeroes, so the accumulator needs no zero fill. ``score_grad``:
     d score_mod / d score ("" when it is 1). ``grad_buffers`` / ``grad_terms``: gradients of float tensor inputs.
     ``q_begin`` ... ``full_end``: per kv tile (``kv_tile``), the q tiles visited and full (transposed tile map).
     ``mask_expr`` / ``score_expr`` / ``caches`` (sm_90a main kernel): the mask and the score with their hoistable
@@ -269,6 +270,7 @@ class BackwardContext:
     dkv_mode: str
     warp_specialized: bool
     dq_tma_reduce: bool
+    dq_first_store: bool
     score_grad: str
     grad_buffers: tuple[InputBuffer, ...]
     grad_terms: tuple[GradTerm, ...]
@@ -304,11 +306,11 @@ def dkv_mode(ir: AttentionIR, dq_mode: str) -> str:
 
 def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: KernelConfig, dtype: str,
                      stage: str = "main", dq_mode: str = "atomic", grads: tuple[str, ...] = (),
-                     warp_specialized: bool = False, dq_tma_reduce: bool = False,
+                     warp_specialized: bool = False, dq_tma_reduce: bool = False, dq_first_store: bool = False,
                      block_mask: BlockMaskLayout | None = None) -> KernelContext:
     """The context of a backward kernel: the forward's (tile map included, for the dQ pass) and `BackwardContext`.
-    ``grads`` names the float inputs whose gradients the kernel computes; ``warp_specialized`` and
-    ``dq_tma_reduce``: see `BackwardContext`. ``block_mask`` (stages 'main' and 'dq'): the kernel takes a run-time
+    ``grads`` names the float inputs whose gradients the kernel computes; ``warp_specialized``, ``dq_tma_reduce`` and
+    ``dq_first_store``: see `BackwardContext`. ``block_mask`` (stages 'main' and 'dq'): the kernel takes a run-time
     block mask of that layout at its tiles and visits only the tiles it lists (main: per kv tile, the q tiles)."""
     ctx = make_context(family, kernel_name, ir, analyse(ir.mask, config.block_m, config.block_n), config, dtype,
                        block_mask=block_mask)
@@ -347,6 +349,7 @@ def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: Ker
         dkv_mode=dkv_mode(ir, dq_mode),
         warp_specialized=warp_specialized,
         dq_tma_reduce=dq_tma_reduce,
+        dq_first_store=dq_first_store,
         score_grad="" if d_score == 1 else text(d_score),
         grad_buffers=tuple(buffers),
         grad_terms=tuple(terms),

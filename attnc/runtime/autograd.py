@@ -67,8 +67,10 @@ class Backward:
     inputs read by the score_mod) and dQ mode. ``warp_specialized`` (cuda main kernel; default: on sm_90a) picks
     the Hopper structure (TMA producer, asynchronous wgmma) over the T.Pipelined one that sm_80 runs;
     ``dq_tma_reduce`` (default: when warp-specialised, up to head dim 128) adds dQ tiles by TMA reduce-add rather
-    than per-thread atomics. ``block_mask``: the layout of the run-time block mask the 'main' and 'dq' stages take
-    (`attnc.dsl.blockmask`), None when the tile map decides their tiles."""
+    than per-thread atomics; ``dq_first_store`` (default: with ``dq_tma_reduce``): the first block to reach a dQ tile
+    stores it rather than adding, so the accumulator is not zero-filled (a ticket per tile, zeroed by 'pre', says who
+    is first and tells 'post' which tiles no block reached). ``block_mask``: the layout of the run-time block mask
+    the 'main' and 'dq' stages take (`attnc.dsl.blockmask`), None when the tile map decides their tiles."""
 
     ir: AttentionIR
     target: build.Target
@@ -78,6 +80,7 @@ class Backward:
     config: KernelConfig
     warp_specialized: bool | None = None
     dq_tma_reduce: bool | None = None
+    dq_first_store: bool | None = None
     stages: dict[str, BuiltKernel] = field(default_factory=dict)
     classifiers: dict[tuple[int, int], BlockMaskKernel] = field(default_factory=dict)
     block_mask: BlockMaskLayout | None = field(init=False)
@@ -92,6 +95,10 @@ class Backward:
             self.dq_tma_reduce = self.warp_specialized and bwd_dq_staged(self.ir.qk_dim)
         if self.dq_tma_reduce and not self.warp_specialized:
             raise UnsupportedError("dq_tma_reduce=True needs the warp-specialised main kernel (warp_specialized=True)")
+        if self.dq_first_store is None:
+            self.dq_first_store = self.dq_tma_reduce
+        if self.dq_first_store and not self.dq_tma_reduce:
+            raise UnsupportedError("dq_first_store=True needs dQ added by TMA reduce-add (dq_tma_reduce=True)")
 
     @property
     def family(self) -> str:
@@ -125,7 +132,8 @@ class Backward:
             family, ir = self.family, self.ir
             layout = self.block_mask if name in self.mask_stages() else None
             ctx = make_bwd_context(family, f"attnc_{family}_{name}", ir, self.config_of(name), self.dtype, name,
-                                   self.dq_mode, self.grads, self.warp_specialized, self.dq_tma_reduce, layout)
+                                   self.dq_mode, self.grads, self.warp_specialized, self.dq_tma_reduce,
+                                   self.dq_first_store, layout)
             self.stages[name] = BuiltKernel(family, f"{family}_{name}_{self.dtype}_d{ir.qk_dim}_{self.target.label}",
                                             render.render(ctx), self.target)
         return self.stages[name]
@@ -201,17 +209,19 @@ class Backward:
             return dq.to(q.dtype), dk, dv, grads, dsinks
         sink_parts = (torch.empty((batch, ir.q_heads, -(-q_len // self.config.block_m)), **f32)
                       if ir.sinks else None)
+        first_store = self.dq_mode == "atomic" and self.dq_first_store
+        tickets = [torch.empty(self.dq_acc_shape(q)[:3], dtype=torch.int32, device=q.device)] if first_store else []
         self.stage("pre")(out, dout, lse, dlse, *extras[len(ir.inputs):], delta,
-                          *([sink_parts] if ir.sinks else []))
+                          *([sink_parts] if ir.sinks else []), *tickets)
         if ir.sinks:
             dsinks = sink_parts.sum(-1)
         dk_out, dv_out = self._dkv_buffers(k, v)
         if self.dq_mode == "atomic":
-            dq_acc = torch.zeros(self.dq_acc_shape(q), **f32)
-            self.stage("main")(q, k, v, *extras, *main_mask, lse, dout, delta, dq_acc, dk_out, dv_out,
+            dq_acc = (torch.empty if first_store else torch.zeros)(self.dq_acc_shape(q), **f32)
+            self.stage("main")(q, k, v, *extras, *main_mask, lse, dout, delta, dq_acc, *tickets, dk_out, dv_out,
                                *grads.values())
             dq = torch.empty_like(q)
-            self.stage("post")(dq_acc, dq)
+            self.stage("post")(dq_acc, *tickets, dq)
         else:
             self.stage("main")(q, k, v, *extras, *main_mask, lse, dout, delta, dk_out, dv_out, *grads.values())
             dq = torch.empty_like(q)

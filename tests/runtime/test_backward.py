@@ -286,8 +286,8 @@ def test_cuda_backward_builds_for_sm90a():
     assert "wgmma" in main and "AtomicAdd((&(grad_slopes" in main and "grad_table" in main and "dQacc" in main
     assert "tma_load" in main and "AtomicAddx2((&(dK[" in main  # warp-specialised; GQA: dK summed by atomics
     writer = main[main.index("dq_full[0].wait("):main.index("dq_empty[0].arrive()")]  # the producer's dQ writer warp
-    assert "tma_store_add((&(((float*)dq_shared)[0])), (&(dQacc[" in writer and "tma_store_wait" in writer
-    assert main.count("tma_store_add(") == 1 and "dq_full[0].arrive()" in main  # consumers only hand over
+    assert "attnc_dq_tile_add((&(((float*)dq_shared)[0])), (&(dQacc[" in writer and "(&(dQTickets[" in writer
+    assert main.count("attnc_dq_tile_add(") == 2 and "dq_full[0].arrive()" in main  # consumers only hand over
     assert "Sinks" in atomic.stage("pre").device_source()
     atomic.stage("post").build()
     separate = cuda_backward("sm_90a", "separate", layout="bhsd", features=False)
@@ -400,8 +400,7 @@ def test_dq_accumulator_is_tile_by_tile_where_tma_adds_it():
     assert "T.cast(dQacc[b, h, q_tile, ((d // 8) * 64 + i) * 8 + d % 8] * " in post
     writer = tma.stage("main").device_source()
     writer = writer[writer.index("dq_full[0].wait("):writer.index("dq_empty[0].arrive()")]
-    assert "tl::tma_store_add((&(((float*)dq_shared)[0])), (&(dQacc[" in writer and ", 32768);" in writer
-    assert "tma_store_wait<0, true>()" in writer
+    assert "attnc_dq_tile_add((&(((float*)dq_shared)[0])), (&(dQacc[" in writer and ", 32768);" in writer
     sm80 = cuda_backward("sm_80", "atomic", dims=(128, 128), layout="bhsd", features=False)
     assert not sm80.dq_tma_reduce
     assert dqacc_params(sm80) == ["(batch, 8, q_len, 128)"] * 2
@@ -597,7 +596,38 @@ def wide_spec(qk_dim, v_dim):
     return attnc.Attention(8, 8, qk_dim=qk_dim, v_dim=v_dim, mask_mod=mods.causal(), sinks=True)
 
 
+def test_the_first_block_to_reach_a_dq_tile_stores_it_and_no_zero_fill_is_needed():
+    """With dq_first_store (the sm_90a default with TMA reduce-add), 'pre' zeroes a ticket per dQ tile; the writer
+    warp takes a ticket, stores the tile when first (a bulk copy, then the ticket's top bit with release) or waits
+    for that bit and reduce-adds; 'post' writes zero where the ticket is 0. Without it, one reduce-add per tile into
+    a zero-filled accumulator, and no tickets."""
+    first = cuda_backward("sm_90a", "atomic", dims=(128, 128), features=False)
+    assert first.dq_first_store
+    pre, post = first.stage("pre").source, first.stage("post").source
+    assert "dQTickets[b, h, q_tile + z] = 0" in pre
+    assert "T.if_then_else(dQTickets[b, h, q_tile] != 0, T.cast(dQacc[" in post
+    main = first.stage("main").device_source()
+    function = main[main.index("void attnc_dq_tile_add("):main.index("extern \"C\"")]
+    store, add = function.index("cp.async.bulk.global.shared::cta"), function.index("cp.reduce.async.bulk")
+    assert function.index("atom.acquire.gpu") < store < function.index("red.release.gpu.global.or.b32") < add
+    assert function.index("cp.async.bulk.wait_group 0;") < function.index("red.release")  # landed, then released
+    assert "tma_store_add" not in main
+    fill = Backward(first.ir, first.target, "bfloat16", (), "atomic", first.config, dq_first_store=False)
+    assert "dQTickets" not in fill.stage("pre").source + fill.stage("post").source + fill.stage("main").source
+    assert "tl::tma_store_add((&(((float*)dq_shared)[0])), (&(dQacc[" in fill.stage("main").device_source()
+    with pytest.raises(UnsupportedError, match=r"dq_first_store=True needs dQ added by TMA reduce-add"):
+        Backward(first.ir, Target("cuda", "sm_80"), "bfloat16", (), "atomic", first.config, dq_first_store=True)
+
+
 ATOMIC_SPEC = attnc.Attention(8, 2, qk_dim=128, mask_mod=mods.causal())
+
+
+def first_rows_only(b, h, q_idx, kv_idx):
+    return q_idx < 40
+
+
+# Every kv tile visits the first q tile alone (block_m 64): no block reaches the dQ tiles of the later ones.
+UNREACHED_SPEC = attnc.Attention(8, 2, qk_dim=128, mask_mod=first_rows_only)
 
 # The relative bias alone: its table's gradient summed per diagonal (head dim 128: warps split the kv rows; 256: both
 # dimensions, dS through shared memory).
@@ -618,13 +648,14 @@ def gpu_ops():
     ops.update({("relative", dims): attnc.compile(relative_spec(*dims), target="cuda") for dims in RELATIVE_HEAD_DIMS})
     ops.update({("variant", name): attnc.compile(SPECS[name][0](64, 64), target="cuda") for name in SPECS})
     ops["fast"] = attnc.compile(ATOMIC_SPEC, target="cuda")
+    ops["unreached"] = attnc.compile(UNREACHED_SPEC, target="cuda")
     ops["exact"] = attnc.compile(ATOMIC_SPEC, target="cuda", deterministic=True)
     ops["exact_relative"] = attnc.compile(relative_spec(64, 64), target="cuda", deterministic=True)
     forwards, backwards = {}, []
     for key, op in ops.items():
         differentiable = {g.name for g in read_gradients(op.ir)}
         grads = () if op.deterministic else tuple(t.name for t in op.ir.inputs if t.name in differentiable)
-        for dtype in ([torch.bfloat16] if key in ("fast", "exact", "exact_relative") else GPU_DTYPES):
+        for dtype in ([torch.bfloat16] if key in ("fast", "unreached", "exact", "exact_relative") else GPU_DTYPES):
             config = op.config_for(dtype, 2, 129, 129)[0]
             forwards[(op.ir.key, dtype)] = functools.partial(Kernel.render, "fwd", op.ir, config,
                                                              KERNEL_DTYPES[dtype], op.target)
@@ -682,6 +713,31 @@ def test_gpu_atomic_and_separate_dq_agree_and_deterministic_mode_repeats_bits(gp
     for a, b in zip(grads[0], grads[1]):
         assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
     assert math.isfinite(float(grads[0][0].float().sum()))
+
+
+@pytest.mark.gpu
+def test_gpu_post_writes_zero_where_no_block_reached_a_dq_tile(gpu_ops):
+    """'post' reads a dQ tile only where its ticket is nonzero: the accumulator is not zero-filled."""
+    backward = backward_for(gpu_ops["fast"], torch.bfloat16, ())
+    assert backward.dq_first_store
+    dq = torch.empty(2, 100, 8, 128, dtype=torch.bfloat16, device="cuda")  # bshd: two q tiles, the second ragged
+    acc = torch.full(backward.dq_acc_shape(dq), float("nan"), device="cuda")
+    acc[:, :, 1] = 3.0
+    tickets = torch.zeros(acc.shape[:3], dtype=torch.int32, device="cuda")
+    tickets[:, :, 1] = 5
+    backward.stage("post")(acc, tickets, dq)
+    assert (dq[:, :64] == 0).all()
+    assert (dq[:, 64:] == torch.tensor(3.0 * 128 ** -0.5).to(torch.bfloat16)).all()
+
+
+@pytest.mark.gpu
+def test_gpu_gradients_where_no_block_reaches_some_dq_tiles(gpu_ops):
+    """Rows past 40 attend nothing: their dQ tiles get no visit and their gradient is zero, though the memory the
+    accumulator is allocated from held NaN."""
+    op = gpu_ops["unreached"]
+    junk = torch.full((1 << 28,), float("nan"), device="cuda")
+    del junk
+    check_cuda(op, 300, 300, torch.bfloat16)
 
 
 @pytest.mark.gpu
