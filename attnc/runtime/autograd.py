@@ -16,7 +16,8 @@ Kernels, per (compiled op, dtype, gradients wanted, dQ mode):
   group: fp32 atomics, or per-q-head fp32 partials summed here in a fixed order when dQ is ``separate``), and for dQ
   either
   ``dq_mode="atomic"``: the main kernel adds dS K into an fp32 buffer with atomics (on sm_90a one TMA reduce-add
-  per tile) and ``post`` converts it, or
+  per tile, the tile's first block storing rather than adding, so the buffer needs no zero fill) and ``post``
+  converts it, or
   ``dq_mode="separate"``: a ``dq`` kernel per q tile over the forward's tile map, no atomics.
   ``attnc.compile(..., deterministic=True)`` selects ``separate``: dQ, dK, dV and dsinks are then the same bits on
   every run. The kernel adds gradients of captured tensors with atomics; deterministic mode leaves them out of the
