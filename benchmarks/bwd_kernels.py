@@ -4,10 +4,10 @@
 
 Each peer's backward runs ``--calls`` times under the profiler after a warm-up; per kernel, its mean GPU time per
 call, and their sum. attnc's backward on sm_90a is 'pre' (Delta; the dQ tiles' tickets), 'main' and 'post' (dQ cast
-to the input dtype): the first block to reach a dQ tile stores it, so the accumulator has no zero fill (seventeenth
-session); cuDNN's has the same parts and a fill (inside its Delta kernel); FlexAttention's two kernels have no dQ
-accumulator. The kernels outside 'main' are what a short kv loop (a document mask, a narrow
-window) cannot amortise: the sixteenth session's table in docs/performance.md.
+to the input dtype): the first block to reach a dQ tile stores it, so the accumulator has no zero fill. cuDNN's has
+the same parts and a fill (inside its Delta kernel); FlexAttention's two kernels have no dQ accumulator. The kernels
+outside 'main' are what a short kv loop (a document mask, a narrow window) cannot amortise: the sixteenth and
+seventeenth sessions' tables in docs/performance.md.
 """
 
 from __future__ import annotations
