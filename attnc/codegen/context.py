@@ -256,7 +256,9 @@ class BackwardContext:
     q head, summed over the group afterwards). ``warp_specialized``: sm_90a's main kernel (a TMA producer warpgroup,
     asynchronous wgmma); ``dq_tma_reduce``: it adds each dQ tile with one TMA reduce-add from shared memory instead
     of per-thread atomics; ``dq_first_store`` (with it): the first block to reach a dQ tile stores it and the others
-    add to it, counted in a ticket per tile that 'pre' zeroes, so the accumulator needs no zero fill. ``score_grad``:
+    add to it, counted in a ticket per tile that 'pre' zeroes, so the accumulator needs no zero fill. ``mask_guard``:
+    the mask reads tensors in the element loop (on sm_90a, after hoisting), so partial tiles test q_idx < q_len
+    before it. ``score_grad``:
     d score_mod / d score ("" when it is 1). ``grad_buffers`` / ``grad_terms``: gradients of float tensor inputs.
     ``q_begin`` ... ``full_end``: per kv tile (``kv_tile``), the q tiles visited and full (transposed tile map).
     ``mask_expr`` / ``score_expr`` / ``caches`` (sm_90a main kernel): the mask and the score with their hoistable
@@ -271,6 +273,7 @@ class BackwardContext:
     warp_specialized: bool
     dq_tma_reduce: bool
     dq_first_store: bool
+    mask_guard: bool
     score_grad: str
     grad_buffers: tuple[InputBuffer, ...]
     grad_terms: tuple[GradTerm, ...]
@@ -338,9 +341,9 @@ def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: Ker
         diagonal = diagonal_target(term.read, tensors, term.name) if additive else ""
         terms.append(GradTerm(target, text(term.derivative), varies, diagonal))
     tiles = backward_tiles(ir.mask, config.block_m, config.block_n)
-    mask_expr, score_expr, caches = ctx.mask_expr, ctx.score_expr, ()
+    mask_expr, score_expr, caches, mask_guard = ctx.mask_expr, ctx.score_expr, (), bool(ctx.inputs)
     if cuda and stage == "main" and warp_specialized:
-        mask_expr, score_expr, caches, score_guard = _hoisted_main(ir, config.stages, tensors, text)
+        mask_expr, score_expr, caches, score_guard, mask_guard = _hoisted_main(ir, config.stages, tensors, text)
         ctx = dataclasses.replace(ctx, score_guard=score_guard, consumer_regs=consumer_regs(config.threads),
                                   producer_regs=SM90A.producer_regs)
     bwd = BackwardContext(
@@ -350,6 +353,7 @@ def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: Ker
         warp_specialized=warp_specialized,
         dq_tma_reduce=dq_tma_reduce,
         dq_first_store=dq_first_store,
+        mask_guard=mask_guard,
         score_grad="" if d_score == 1 else text(d_score),
         grad_buffers=tuple(buffers),
         grad_terms=tuple(terms),
@@ -364,7 +368,8 @@ def make_bwd_context(family: str, kernel_name: str, ir: AttentionIR, config: Ker
     return dataclasses.replace(ctx, bwd=bwd)
 
 
-def _hoisted_main(ir: AttentionIR, stages: int, tensors: dict, text) -> tuple[str, str, tuple[CacheFill, ...], bool]:
+def _hoisted_main(ir: AttentionIR, stages: int, tensors: dict, text) -> tuple[str, str, tuple[CacheFill, ...], bool,
+                                                                               bool]:
     """The sm_90a backward main kernel's mask and score texts with hoistable reads replaced by caches, the caches
     (see `BackwardContext`; a q row's cache is read from its ring slot, ``t % stages``, as the lse is) and whether
     the score still needs the bounds test on full tiles: while it reads a tensor in the loop, or a q row's cache (a
@@ -376,7 +381,7 @@ def _hoisted_main(ir: AttentionIR, stages: int, tensors: dict, text) -> tuple[st
     mask_text = print_expr(mask, names, tensors, fast_tanh=True) if ir.has_mask else ""
     row_caches = {read.symbol for read in hoisted if read.level == "row"}
     guard = bool(score.atoms(sympy.Indexed)) or bool(score.free_symbols & row_caches)
-    return mask_text, text(score, names), caches, guard
+    return mask_text, text(score, names), caches, guard, bool(mask.atoms(sympy.Indexed))
 
 
 def _cache_fills(hoisted, dtypes: Mapping[str, str], tensors: Mapping[str, str]) -> tuple[CacheFill, ...]:

@@ -453,6 +453,33 @@ def test_sm90a_full_tiles_test_the_bounds_only_when_the_score_reads_a_tensor():
     assert "T.exp2(" in loop and "q_len" not in loop and "in_column" not in loop
 
 
+def test_sm90a_partial_tiles_test_the_kv_bound_only_on_the_ragged_tile_and_q_len_only_while_the_mask_reads():
+    """Partial tiles test kv_idx < kv_len only on the ragged last kv tile, and q_idx < q_len only while the mask
+    still reads a tensor in the loop: a hoisted read (document) comes from caches zero-filled past q_len, and those
+    rows' P is already 0 (lse +inf). Both tests on every partial tile cost the document's main kernel 14%."""
+    target = Target("cuda", "sm_90a")
+
+    def partial_tiles(spec):
+        backward = Backward(spec.ir, target, "bfloat16", (), "atomic", backward_config("sm_90a", spec.ir))
+        source = backward.stage("main").source
+        consumer = source[source.index("T.barrier_wait(kv_ready, 0)"):]
+        partial = consumer[consumer.index("if T.Or("):]
+        ragged, rest = partial[:partial.index("pT_cast[j, i]")].split("else:")
+        return ragged, rest
+
+    doc_ids = torch.tensor([0] * 300 + [1] * 700, dtype=torch.int32)
+    document = attnc.Attention(4, qk_dim=128, mask_mod=mods.document(doc_ids) & mods.causal())
+    ragged, rest = partial_tiles(document)
+    assert "if kv_tile * 128 + 128 > kv_len:" in ragged and "kv_idx < kv_len" in ragged and "q_idx < q_len" not in ragged
+    assert "kv_idx <= (q_idx" in rest and "row_cache" in rest
+    assert "kv_idx < kv_len" not in rest and "q_idx < q_len" not in rest
+    allowed = torch.randint(0, 2, (1000, 1000))  # read per element, in the loop: rows past q_len must not read it
+    pairwise = attnc.Attention(4, qk_dim=128, mask_mod=lambda b, h, q, kv: allowed[q, kv] > 0)
+    ragged, rest = partial_tiles(pairwise)
+    assert "T.And(T.And(q_idx < q_len, kv_idx < kv_len), " in ragged
+    assert "q_idx < q_len" in rest and "kv_idx < kv_len" not in rest and "in_allowed[q_idx, kv_idx]" in rest
+
+
 def test_sm90a_main_kernel_reads_hoisted_tensor_values_outside_the_element_loop():
     """As the forward (`codegen.hoist`): a document mask's doc_ids[q_idx] lands in a ring slot the producer fills
     beside the tile's lse, doc_ids[kv_idx] in a register vector filled once per block (its kv tile is fixed), ALiBi's
