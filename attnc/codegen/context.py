@@ -373,7 +373,8 @@ def _hoisted_main(ir: AttentionIR, stages: int, tensors: dict, text) -> tuple[st
     """The sm_90a backward main kernel's mask and score texts with hoistable reads replaced by caches, the caches
     (see `BackwardContext`; a q row's cache is read from its ring slot, ``t % stages``, as the lse is) and whether
     the score still needs the bounds test on full tiles: while it reads a tensor in the loop, or a q row's cache (a
-    row past q_len holds a zero there, and a score_mod that divides by it would put a NaN into dV through P)."""
+    row past q_len holds a zero there, and a score_mod that divides by it would put a NaN into dV through P), and
+    whether the mask still reads a tensor in the loop (partial tiles then test q_len before it)."""
     (score, mask), hoisted, names = hoist(ir.score, ir.mask)
     names = {**KERNEL_NAMES, **names, **{read.symbol: f"{read.cache}_ring[t % {stages}, i]"
                                          for read in hoisted if read.level == "row"}}
